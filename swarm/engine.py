@@ -1,0 +1,498 @@
+"""The only module that talks to llama.cpp: load a shard, run sessions through it, move KV state.
+
+A non-final shard's hidden states are taken from the graph node `l_out-<k-1>` through the
+scheduler's eval callback; returning False from the data call stops that graph split, so the output
+norm and the head are never computed. Every row of such a batch is marked as an output because
+llama.cpp computes its last layer only for output rows.
+
+Everything handed to llama.cpp is checked here first: shapes, dtypes, token ids, positions, context
+capacity and KV blobs. Bad input raises a SwarmError and never reaches C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import BadInputError, ContextFullError, EngineError, KVStateError, ModelFileError
+from .gguf_file import read_gguf
+from .layers import LayerRange, ShardRole
+from .slicing import ShardFile, shard_info
+
+log = logging.getLogger(__name__)
+_llama_log = logging.getLogger("swarm.llama_cpp")
+
+_init_lock = threading.Lock()
+_lib_state: dict[str, object] = {}
+
+
+def _llama():
+    """Import llama_cpp, initialise the backend once and route its log into `logging`."""
+    with _init_lock:
+        if "llama" in _lib_state:
+            return _lib_state["llama"]
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def _on_log(level, text, _user):  # called from llama.cpp threads
+            msg = text.decode("utf-8", errors="replace").rstrip()
+            if msg:
+                _llama_log.log(logging.WARNING if level in (2, 3) and "error" in msg.lower() else logging.DEBUG, msg)
+
+        llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        base.ggml_get_name.argtypes = [ctypes.c_void_p]
+        base.ggml_get_name.restype = ctypes.c_void_p
+        base.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        base.ggml_nbytes.restype = ctypes.c_size_t
+        base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        base.ggml_backend_tensor_get.restype = None
+        _lib_state.update(llama=llama_cpp, ggml=base, on_log=_on_log)
+        return llama_cpp
+
+
+def _ggml():
+    _llama()
+    return _lib_state["ggml"]
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # pragma: no cover - psutil is a dependency, this is belt and braces
+        return max(1, os.cpu_count() or 1)
+
+
+def _load_model(path: Path, vocab_only: bool):
+    llama_cpp = _llama()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.n_gpu_layers = 0
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelFileError(
+            f"llama.cpp could not load {path}; the file passed header checks, so its tensors or metadata "
+            "do not match its architecture (run with --log-level debug to see llama.cpp's reason)"
+        )
+    return model
+
+
+class Tokenizer:
+    """The model's own tokenizer, loaded without weights."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        read_gguf(path)  # a clear error for missing, truncated or non-GGUF files
+        self._llama = _llama()
+        self._model = _load_model(path, vocab_only=True)
+        self._vocab = self._llama.llama_model_get_vocab(self._model)
+        self.n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
+        if self.n_vocab <= 1:
+            raise ModelFileError(f"{path} has no vocabulary (is it a middle shard?); tokenize with the full model")
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        buf = (ctypes.c_int32 * cap)()
+        n = self._llama.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (ctypes.c_int32 * cap)()
+            n = self._llama.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise EngineError(f"llama.cpp failed to tokenize the text ({n})")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token stands for (may be part of a UTF-8 character)."""
+        if not 0 <= token < self.n_vocab:
+            raise BadInputError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")
+        buf = ctypes.create_string_buffer(64)
+        n = self._llama.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._llama.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
+
+    def chat_template(self) -> str | None:
+        raw = self._llama.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def close(self) -> None:
+        if getattr(self, "_model", None):
+            self._llama.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+@dataclass
+class _Session:
+    seq: int
+    n_past: int = 0
+
+
+_KV_MAGIC = b"SWARMKV1"
+
+
+class Shard:
+    """One loaded shard: many sessions (llama.cpp sequences), each with its own KV cache.
+
+    Methods are thread-safe; llama.cpp work is serialised per shard.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_ctx: int = 512,
+        max_sessions: int = 1,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        flash_attn: bool = False,
+    ):
+        if n_ctx < 1 or max_sessions < 1 or n_batch < 1:
+            raise BadInputError("n_ctx, max_sessions and n_batch must be positive")
+        self.info: ShardFile = shard_info(path)  # validates the file before llama.cpp sees it
+        self.path = self.info.path
+        self.layers: LayerRange = self.info.layers
+        self.role: ShardRole = self.info.role
+        self.n_ctx = n_ctx
+        self.n_batch = min(n_batch, n_ctx)
+        self.max_sessions = max_sessions
+        self._lock = threading.RLock()
+        self._llama = llama_cpp = _llama()
+        self._model = _load_model(self.path, vocab_only=False)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        n_threads = n_threads or default_threads()
+
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx * max_sessions
+        p.n_batch = self.n_batch
+        p.n_ubatch = self.n_batch
+        p.n_seq_max = max_sessions
+        p.kv_unified = False  # one KV stream per session, laid out as in a single-session context
+        p.n_threads = n_threads
+        p.n_threads_batch = n_threads_batch or n_threads
+        # llama_cpp.Llama defaults to flash attention off; AUTO would turn it on and change the text.
+        p.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        p.embeddings = False
+        p.no_perf = True
+        self._capture = None
+        if not self.role.gives_logits:
+            self._capture = _HiddenCapture(f"l_out-{self.layers.count - 1}", self.n_batch, self.n_embd)
+            p.cb_eval = self._capture.callback
+            p.cb_eval_user_data = None
+        self._ctx = llama_cpp.llama_init_from_model(self._model, p)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError(f"llama.cpp could not create a context for {self.path.name} (n_ctx={p.n_ctx}); out of memory?")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0 if self.role.takes_tokens else self.n_embd, 1)
+        b = self._batch
+        self._b_pos = np.ctypeslib.as_array(b.pos, (self.n_batch,))
+        self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, (self.n_batch,))
+        self._b_logits = np.ctypeslib.as_array(b.logits, (self.n_batch,))
+        if self.role.takes_tokens:
+            self._b_in = np.ctypeslib.as_array(b.token, (self.n_batch,))
+        else:
+            self._b_in = np.ctypeslib.as_array(b.embd, (self.n_batch, self.n_embd))
+        self._sessions: dict[str, _Session] = {}
+        self._free_seqs = list(range(max_sessions - 1, -1, -1))
+
+    # ------------------------------------------------------------ sessions
+
+    def open_session(self, session: str) -> None:
+        """Reserve a sequence for `session`; its KV cache starts empty."""
+        with self._lock:
+            if session in self._sessions:
+                raise BadInputError(f"session {session!r} is already open on shard {self.layers}")
+            if not self._free_seqs:
+                raise ContextFullError(
+                    f"shard {self.layers} already holds {self.max_sessions} sessions, its maximum; "
+                    "drop one, or load the shard with a larger max_sessions"
+                )
+            seq = self._free_seqs.pop()
+            self._llama.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._sessions[session] = _Session(seq)
+
+    def drop_session(self, session: str) -> None:
+        """Forget a session and free its KV cache (no error if it is not open)."""
+        with self._lock:
+            s = self._sessions.pop(session, None)
+            if s is not None:
+                self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+                self._free_seqs.append(s.seq)
+
+    def sessions(self) -> dict[str, int]:
+        """Open sessions and how many positions each holds."""
+        with self._lock:
+            return {k: s.n_past for k, s in self._sessions.items()}
+
+    def session_length(self, session: str) -> int:
+        return self._get(session).n_past
+
+    def _get(self, session: str) -> _Session:
+        s = self._sessions.get(session)
+        if s is None:
+            raise BadInputError(f"unknown session {session!r} on shard {self.layers}; open it first")
+        return s
+
+    # ------------------------------------------------------------ compute
+
+    def forward(self, session: str, inputs, start: int | None = None) -> np.ndarray:
+        """Run one batch for `session` at positions start, start+1, ...
+
+        First shards take token ids (1-D ints); others take hidden states, float32 of shape
+        (n, n_embd). Non-final shards return hidden states (n, n_embd); final shards return the
+        logits of the batch's last position (n_vocab,).
+        """
+        with self._lock:
+            s = self._get(session)
+            arr = self._check_inputs(inputs)
+            n = arr.shape[0]
+            if start is None:
+                start = s.n_past
+            if start != s.n_past:
+                raise BadInputError(
+                    f"positions must continue session {session!r}: it holds {s.n_past} positions, so the next "
+                    f"batch starts at {s.n_past}, not {start} (positions may neither skip nor go back)"
+                )
+            if start + n > self.n_ctx:
+                raise ContextFullError(
+                    f"session {session!r} would reach {start + n} positions but the context holds {self.n_ctx}; "
+                    "start a new session or load the shard with a larger n_ctx"
+                )
+            self._b_in[:n] = arr
+            self._b_pos[:n] = np.arange(start, start + n, dtype=np.int32)
+            self._b_nseq[:n] = 1
+            seq_ids = self._batch.seq_id
+            for i in range(n):
+                seq_ids[i][0] = s.seq
+            if self.role.gives_logits:
+                self._b_logits[:n] = 0
+                self._b_logits[n - 1] = 1
+            else:
+                self._b_logits[:n] = 1  # llama.cpp computes a shard's last layer only for output rows
+                self._capture.arm(n)
+            self._batch.n_tokens = n
+            rc = self._llama.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                # Roll back whatever the failed batch may have written.
+                self._llama.llama_memory_seq_rm(self._mem, s.seq, start, -1)
+                if rc == 1:
+                    raise ContextFullError(f"no room in the KV cache for {n} more positions of session {session!r}")
+                raise EngineError(f"llama_decode failed with code {rc} on shard {self.layers}")
+            s.n_past = start + n
+            if self.role.gives_logits:
+                ptr = self._llama.llama_get_logits_ith(self._ctx, -1)
+                if not ptr:
+                    raise EngineError("llama.cpp returned no logits")
+                return np.ctypeslib.as_array(ptr, (self.n_vocab,)).copy()
+            return self._capture.take()
+
+    def _check_inputs(self, inputs) -> np.ndarray:
+        if self.role.takes_tokens:
+            arr = np.asarray(inputs)
+            if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+                raise BadInputError(
+                    f"shard {self.layers} is a first shard and takes a 1-D list of token ids, got an array of "
+                    f"shape {arr.shape} and dtype {arr.dtype}"
+                )
+            if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab):
+                bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
+                raise BadInputError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+            arr = arr.astype(np.int32)
+        else:
+            if not isinstance(inputs, np.ndarray):
+                raise BadInputError(
+                    f"shard {self.layers} takes hidden states as a float32 numpy array of shape (n, {self.n_embd})"
+                )
+            arr = inputs
+            if arr.dtype != np.float32:
+                raise BadInputError(
+                    f"hidden states must be float32, got {arr.dtype}; convert with .astype(numpy.float32) only if "
+                    "they really are activations of this model"
+                )
+            if arr.ndim != 2 or arr.shape[1] != self.n_embd:
+                raise BadInputError(
+                    f"hidden states must have shape (n, {self.n_embd}) for this model, got {arr.shape}"
+                )
+        n = arr.shape[0]
+        if n == 0:
+            raise BadInputError("a batch needs at least one position")
+        if n > self.n_batch:
+            raise BadInputError(
+                f"a batch of {n} positions is larger than this shard's n_batch ({self.n_batch}); send it in pieces "
+                "of at most n_batch, the way the reference model would run it"
+            )
+        return arr
+
+    def replay(self, session: str, steps: Iterable[tuple[int, object]]) -> None:
+        """Rebuild a session's KV cache by running its recorded (start, inputs) steps again, in order.
+
+        The result is exact only if the steps have the batch composition of the original run.
+        """
+        for start, inputs in steps:
+            self.forward(session, inputs, start)
+
+    # ------------------------------------------------------------ KV state
+
+    def export_kv(self, session: str) -> bytes:
+        """The session's KV cache as a self-describing blob for `import_kv` on the same shard."""
+        with self._lock:
+            s = self._get(session)
+            size = self._llama.llama_state_seq_get_size(self._ctx, s.seq)
+            buf = (ctypes.c_uint8 * size)()
+            got = self._llama.llama_state_seq_get_data(self._ctx, buf, size, s.seq)
+            if got == 0 and s.n_past:
+                raise EngineError(f"llama.cpp could not export the KV state of session {session!r}")
+            payload = bytes(buf)[:got]
+            header = json.dumps(
+                {
+                    "shard_id": self.info.shard_id,
+                    "layers": [self.layers.start, self.layers.end],
+                    "n_past": s.n_past,
+                    "sha256": hashlib.sha256(payload).hexdigest(),
+                },
+                sort_keys=True,
+            ).encode()
+            return _KV_MAGIC + struct.pack("<I", len(header)) + header + payload
+
+    def import_kv(self, session: str, blob: bytes) -> None:
+        """Load a blob from `export_kv` into `session` (opened if needed), replacing its KV cache."""
+        head, payload = _parse_kv_blob(blob)
+        if head.get("shard_id") != self.info.shard_id:
+            a, b = head.get("layers", ["?", "?"])
+            raise KVStateError(
+                f"this KV state belongs to another shard (layers {a}:{b}, id {str(head.get('shard_id'))[:12]}); "
+                f"this shard holds layers {self.layers} (id {self.info.shard_id[:12]}). Send it to the node "
+                "that loaded the same shard file"
+            )
+        n_past = head.get("n_past")
+        if not isinstance(n_past, int) or not 0 <= n_past <= self.n_ctx:
+            raise KVStateError(f"KV state holds {n_past} positions but this shard's context holds {self.n_ctx}")
+        with self._lock:
+            if session not in self._sessions:
+                self.open_session(session)
+            s = self._sessions[session]
+            self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+            s.n_past = 0
+            if payload:
+                buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+                if self._llama.llama_state_seq_set_data(self._ctx, buf, len(payload), s.seq) == 0:
+                    self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+                    raise KVStateError("llama.cpp refused the KV state; was the shard loaded with other settings?")
+            s.n_past = n_past
+
+    # ------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        with self._lock:
+            if getattr(self, "_ctx", None):
+                self._llama.llama_batch_free(self._batch)
+                self._llama.llama_free(self._ctx)
+                self._ctx = None
+            if getattr(self, "_model", None):
+                self._llama.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> "Shard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _parse_kv_blob(blob: bytes) -> tuple[dict, bytes]:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise KVStateError("a KV state must be bytes from Shard.export_kv")
+    blob = bytes(blob)
+    if len(blob) < len(_KV_MAGIC) + 4 or not blob.startswith(_KV_MAGIC):
+        raise KVStateError("this is not a swarm KV state (bad magic); it must come from Shard.export_kv")
+    (hlen,) = struct.unpack_from("<I", blob, len(_KV_MAGIC))
+    start = len(_KV_MAGIC) + 4
+    if start + hlen > len(blob):
+        raise KVStateError("KV state is truncated (its header runs past the end)")
+    try:
+        head = json.loads(blob[start:start + hlen])
+    except ValueError:
+        raise KVStateError("KV state header is damaged") from None
+    payload = blob[start + hlen:]
+    if not isinstance(head, dict) or hashlib.sha256(payload).hexdigest() != head.get("sha256"):
+        raise KVStateError("KV state is damaged or truncated (checksum mismatch); export it again")
+    return head, payload
+
+
+class _HiddenCapture:
+    """The eval callback that copies `l_out-<k-1>` out of the graph and stops the split there."""
+
+    def __init__(self, node_name: str, n_batch: int, n_embd: int):
+        self._target = node_name.encode() + b"\0"
+        self._name_off: int | None = None
+        self._out = np.empty((n_batch, n_embd), dtype=np.float32)
+        self._out_ptr = self._out.ctypes.data
+        self._n = 0
+        self._got = False
+        self._error: str | None = None
+        self._ggml = _ggml()
+        llama_cpp = _llama()
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+
+    def arm(self, n_tokens: int) -> None:
+        self._n, self._got, self._error = n_tokens, False, None
+
+    def _on_node(self, tensor, ask, _user) -> bool:
+        # Called for every graph node on the per-token hot path: keep it to one memory read.
+        if ask:
+            if self._name_off is None:
+                self._name_off = self._ggml.ggml_get_name(tensor) - tensor
+            return ctypes.string_at(tensor + self._name_off, len(self._target)) == self._target
+        try:
+            nbytes = self._ggml.ggml_nbytes(tensor)
+            want = self._n * self._out.shape[1] * 4
+            if nbytes != want:
+                self._error = f"layer output has {nbytes} bytes, expected {want}"
+                return False
+            self._ggml.ggml_backend_tensor_get(tensor, self._out_ptr, 0, nbytes)
+            self._got = True
+        except Exception as e:  # an exception must not unwind through C
+            self._error = repr(e)
+        return False  # stop here: the norm and head after this node are not needed
+
+    def take(self) -> np.ndarray:
+        if self._error:
+            raise EngineError(f"capturing the shard's output failed: {self._error}")
+        if not self._got:
+            raise EngineError("the shard's graph had no layer-output node to capture; is the architecture supported?")
+        return self._out[: self._n].copy()

@@ -1,0 +1,86 @@
+"""Choosing the next token from logits: greedy, or seeded sampling with the usual filters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from .errors import BadInputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature <= 0 means greedy (argmax), which is what 'identical output' is measured with."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature):
+            raise BadInputError("temperature must be a finite number (0 for greedy)")
+        if self.top_k < 0:
+            raise BadInputError("top_k must be 0 (off) or positive")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadInputError("top_p must be in (0, 1]")
+        if not 0.0 <= self.min_p < 1.0:
+            raise BadInputError("min_p must be in [0, 1)")
+        if self.repeat_penalty <= 0:
+            raise BadInputError("repeat_penalty must be positive (1.0 is off)")
+        if self.repeat_last_n < 0:
+            raise BadInputError("repeat_last_n must be 0 or positive")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class Sampler:
+    """Stateful per session: remembers recent tokens for the repeat penalty and owns the RNG."""
+
+    def __init__(self, params: SamplingParams, history: Iterable[int] = ()):
+        self.params = params
+        self.recent = list(history)
+        self.rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray) -> int:
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float32)
+        if p.repeat_penalty != 1.0 and p.repeat_last_n:
+            logits = logits.copy()
+            seen = np.unique(np.asarray(self.recent[-p.repeat_last_n:], dtype=np.int64))
+            seen = seen[(seen >= 0) & (seen < logits.size)]
+            vals = logits[seen]
+            # llama.cpp's rule: shrink positive logits, grow negative ones.
+            logits[seen] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        if p.greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = self._draw(logits)
+        self.recent.append(token)
+        return token
+
+    def _draw(self, logits: np.ndarray) -> int:
+        p = self.params
+        order = np.argsort(-logits, kind="stable")
+        if p.top_k:
+            order = order[: p.top_k]
+        cand = logits[order].astype(np.float64)
+        probs = np.exp(cand - cand[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            order, cand, probs = order[:keep], cand[:keep], probs[:keep]
+        if p.min_p > 0.0:
+            mask = probs >= p.min_p * probs[0]
+            order, cand = order[mask], cand[mask]
+        scaled = (cand - cand[0]) / p.temperature
+        weights = np.exp(scaled)
+        weights /= weights.sum()
+        return int(order[self.rng.choice(len(order), p=weights)])

@@ -1,0 +1,248 @@
+"""Cut a GGUF model into exact layer-range shards that stock llama.cpp loads as models of their own.
+
+A shard is a GGUF whose `<arch>.block_count` is the range's length and whose `blk.i.*` tensors are
+renumbered from 0. Anything llama.cpp derives from a layer's index must be written per layer for the
+slice (Gemma 3's sliding-window pattern), so each supported architecture names its per-layer keys.
+Shards that produce no logits drop the vocabulary; the first shard keeps it to read token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf.constants import GGUFValueType
+
+from . import cache
+from .errors import ModelFileError, UnsupportedModelError
+from .gguf_file import GGUFFile, KV, TensorSource, encode_kv, read_gguf, write_gguf
+from .layers import LayerRange, ShardRole
+
+log = logging.getLogger(__name__)
+
+# Bump when the bytes a slice produces change, so cached shards are not reused across formats.
+SLICER_VERSION = 1
+
+# Keys llama.cpp reads with get_key_or_arr(..., n_layer): a scalar applies to every layer, an array
+# holds one value per layer and must be sliced with the blocks.
+_PER_LAYER_ARRAYS = (
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "expert_used_count",
+)
+
+
+@dataclass(frozen=True)
+class ArchRules:
+    """What the slicer must know about one architecture's loader to cut it exactly."""
+
+    # Per-layer boolean pattern llama.cpp derives from the layer index when the GGUF has no array:
+    # (key suffix, default period, gating key that must be > 0 for the pattern to apply).
+    swa_pattern: tuple[str, int, str] | None = None
+
+
+SUPPORTED: dict[str, ArchRules] = {
+    # Plain decoder stacks: no layer-index-derived hyper-parameters (checked in llama.cpp's
+    # src/models/{llama,qwen2,qwen3,mistral3}.cpp).
+    "llama": ArchRules(),
+    "qwen2": ArchRules(),
+    "qwen3": ArchRules(),
+    "mistral3": ArchRules(),
+    # Gemma 3: layer i uses sliding-window attention when i % 6 < 5 unless the GGUF says otherwise
+    # (llama_model_gemma3::load_arch_hparams -> load_swa_pattern(ml, 6)).
+    "gemma3": ArchRules(swa_pattern=("attention.sliding_window_pattern", 6, "attention.sliding_window")),
+}
+
+META_PREFIX = "swarm.shard."
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_VOCAB_KEYS_KEPT = ("tokenizer.ggml.model",)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """A shard on disk and what it holds."""
+
+    path: Path
+    layers: LayerRange
+    n_layer_total: int
+    role: ShardRole
+    shard_id: str  # content name: same source bytes and range give the same id
+
+
+def model_layer_count(model: GGUFFile) -> int:
+    """Total transformer blocks of a model (or of the original model, for a shard)."""
+    total = model.get(META_PREFIX + "n_layer_total")
+    if total is not None:
+        return int(total)
+    arch = model.arch
+    n = model.get(f"{arch}.block_count")
+    if n is None:
+        raise ModelFileError(f"{model.path} has no {arch}.block_count; is it a language model GGUF?")
+    return int(n)
+
+
+def check_supported(model: GGUFFile) -> ArchRules:
+    arch = model.arch
+    if arch not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} of {model.path.name} is not supported for splitting: the slicer only cuts "
+            f"architectures whose per-layer rules it knows ({', '.join(sorted(SUPPORTED))}). "
+            "Run the model whole, or add its rules to swarm/slicing.py after reading its llama.cpp loader."
+        )
+    if int(model.get(f"{arch}.nextn_predict_layers", 0) or 0):
+        raise UnsupportedModelError(f"{model.path.name} carries next-token-prediction layers, which cannot be sliced")
+    if META_PREFIX + "layer_start" in model.kvs:
+        raise UnsupportedModelError(f"{model.path.name} is already a shard; slice the original model instead")
+    return SUPPORTED[arch]
+
+
+def shard_id(source_digest: str, layers: LayerRange, n_layer: int) -> str:
+    text = f"swarm-shard v{SLICER_VERSION} {source_digest} {layers.start}:{layers.end}/{n_layer}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _per_layer_values(model: GGUFFile, rules: ArchRules, n_layer: int) -> dict[str, KV]:
+    """Every per-layer array the shard must carry, materialised for all n_layer blocks."""
+    arch = model.arch
+    out: dict[str, KV] = {}
+    for suffix in _PER_LAYER_ARRAYS:
+        kv = model.kvs.get(f"{arch}.{suffix}")
+        if kv is not None and kv.vtype == GGUFValueType.ARRAY:
+            out[kv.key] = kv
+    if rules.swa_pattern:
+        suffix, period, gate = rules.swa_pattern
+        key = f"{arch}.{suffix}"
+        kv = model.kvs.get(key)
+        if kv is not None and kv.vtype == GGUFValueType.ARRAY:
+            out[key] = kv
+        elif int(model.get(f"{arch}.{gate}", 0) or 0) > 0:
+            if kv is not None:  # a scalar period overrides the architecture's default
+                period = int(kv.value)
+            # Same rule as llama_hparams::set_swa_pattern(n_pattern, dense_first=false).
+            pattern = [period == 0 or (i % period) < (period - 1) for i in range(n_layer)]
+            out[key] = KV(key, GGUFValueType.ARRAY, pattern, item_type=GGUFValueType.BOOL)
+    for key, kv in model.kvs.items():
+        if (
+            key.startswith(arch + ".")
+            and key not in out
+            and kv.vtype == GGUFValueType.ARRAY
+            and len(kv.value) == n_layer
+        ):
+            raise UnsupportedModelError(
+                f"{model.path.name} has a per-layer metadata array {key!r} the slicer does not know; "
+                "slicing it could change the model, so it is refused"
+            )
+    for key, kv in out.items():
+        if len(kv.value) != n_layer:
+            raise ModelFileError(f"{model.path.name}: {key} has {len(kv.value)} entries for {n_layer} layers")
+    return out
+
+
+def _metadata(model: GGUFFile, rules: ArchRules, layers: LayerRange, n_layer: int, role: ShardRole, sid: str):
+    arch = model.arch
+    per_layer = _per_layer_values(model, rules, n_layer)
+    keep_vocab = role != ShardRole.MIDDLE
+    blobs: list[bytes] = []
+    emitted: set[str] = set()
+    for key, kv in model.kvs.items():
+        if key.startswith("GGUF."):
+            continue
+        if key == f"{arch}.block_count":
+            blobs.append(encode_kv(key, kv.vtype, layers.count))
+        elif key in per_layer:
+            src = per_layer[key]
+            blobs.append(encode_kv(key, src.vtype, src.value[layers.start:layers.end], src.item_type))
+        elif not keep_vocab and key.startswith("tokenizer.") and key not in _VOCAB_KEYS_KEPT:
+            continue  # a middle shard reads hidden states and writes hidden states: no vocabulary
+        elif not keep_vocab and key == "tokenizer.ggml.model":
+            blobs.append(encode_kv(key, GGUFValueType.STRING, "none"))
+        elif not keep_vocab and key == f"{arch}.vocab_size":
+            continue  # written below
+        else:
+            blobs.append(kv.raw)
+        emitted.add(key)
+    for key, kv in per_layer.items():  # patterns llama.cpp would derive from the index
+        if key not in emitted:
+            blobs.append(encode_kv(key, kv.vtype, kv.value[layers.start:layers.end], kv.item_type))
+    if not keep_vocab:
+        if "tokenizer.ggml.model" not in emitted:
+            blobs.append(encode_kv("tokenizer.ggml.model", GGUFValueType.STRING, "none"))
+        blobs.append(encode_kv(f"{arch}.vocab_size", GGUFValueType.UINT32, 1))
+    u32 = GGUFValueType.UINT32
+    blobs += [
+        encode_kv(META_PREFIX + "id", GGUFValueType.STRING, sid),
+        encode_kv(META_PREFIX + "role", GGUFValueType.STRING, role.value),
+        encode_kv(META_PREFIX + "layer_start", u32, layers.start),
+        encode_kv(META_PREFIX + "layer_end", u32, layers.end),
+        encode_kv(META_PREFIX + "n_layer_total", u32, n_layer),
+    ]
+    return blobs
+
+
+def _tensors(model: GGUFFile, layers: LayerRange, role: ShardRole) -> list[TensorSource]:
+    blocks: list[tuple[int, str, TensorSource]] = []
+    others: list[TensorSource] = []
+    for t in model.tensors:
+        src = TensorSource(t.name, t.shape, t.ggml_type, model.data_start + t.offset, t.nbytes)
+        m = _BLOCK.match(t.name)
+        if m:
+            i = int(m.group(1))
+            if layers.start <= i < layers.end:
+                src.name = f"blk.{i - layers.start}.{m.group(2)}"
+                blocks.append((i, m.group(2), src))
+            continue
+        if t.name == "output.weight" and not role.gives_logits:
+            continue  # optional in the supported loaders; they fall back to token_embd
+        if t.name == "token_embd.weight" and role == ShardRole.MIDDLE:
+            # Required by the loader with n_vocab rows; with vocab_size 1 one row satisfies it.
+            src.shape = (t.shape[0], 1)
+            src.nbytes = t.row_bytes
+        others.append(src)
+    blocks.sort(key=lambda b: (b[0], b[1]))
+    return others + [b[2] for b in blocks]
+
+
+def slice_model(
+    model_path: str | os.PathLike,
+    layers: LayerRange,
+    out_dir: str | os.PathLike | None = None,
+) -> ShardFile:
+    """Write (or reuse) the shard of `model_path` holding `layers`; returns where it is."""
+    model = read_gguf(model_path)
+    rules = check_supported(model)
+    n_layer = model_layer_count(model)
+    layers.check_within(n_layer)
+    role = layers.role(n_layer)
+    sid = shard_id(cache.file_digest(model.path), layers, n_layer)
+    out_dir = Path(out_dir) if out_dir is not None else cache.subdir("shards")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{model.arch}-{sid[:16]}-L{layers.start}-{layers.end}.gguf"
+    if target.exists():
+        return ShardFile(target, layers, n_layer, role, sid)
+    blobs = _metadata(model, rules, layers, n_layer, role, sid)
+    tensors = _tensors(model, layers, role)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    log.info("slicing layers %s of %s into %s", layers, model.path.name, target.name)
+    try:
+        with open(model.path, "rb") as src, open(tmp, "wb") as dst:
+            write_gguf(dst, src, blobs, tensors, model.alignment)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ShardFile(target, layers, n_layer, role, sid)
+
+
+def shard_info(path: str | os.PathLike) -> ShardFile:
+    """Describe a shard file, or an unsliced model as one whole shard."""
+    model = read_gguf(path)
+    n_layer = model_layer_count(model)
+    if META_PREFIX + "layer_start" in model.kvs:
+        layers = LayerRange(int(model.get(META_PREFIX + "layer_start")), int(model.get(META_PREFIX + "layer_end")))
+        return ShardFile(model.path, layers, n_layer, layers.role(n_layer), str(model.get(META_PREFIX + "id")))
+    layers = LayerRange(0, n_layer)
+    return ShardFile(model.path, layers, n_layer, ShardRole.WHOLE, cache.file_digest(model.path))
