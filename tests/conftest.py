@@ -1,0 +1,81 @@
+"""Shared fixtures: the real default model, references from plain llama-cpp-python, a tiny llama model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_models import write_tiny_llama
+
+PROMPTS = [
+    "The history of the city of Paris begins",
+    "def fibonacci(n):",
+    "Here is a short list of fruits: apple, banana,",
+]
+N_TOKENS = 64
+N_CTX = 512
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Shards and digests go to a fresh cache; the assembled default model is reused if present."""
+    root = tmp_path_factory.mktemp("swarm-cache")
+    old = os.environ.get("SWARM_CACHE_DIR")
+    os.environ["SWARM_CACHE_DIR"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("SWARM_CACHE_DIR", None)
+    else:
+        os.environ["SWARM_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def model_path(_private_cache) -> Path:
+    from swarm.models import default_model_path
+
+    return default_model_path()
+
+
+class Reference:
+    """Plain llama_cpp.Llama on the unsplit file, a fresh instance per prompt, greedy."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cache: dict[tuple, tuple[list[int], list[int], np.ndarray]] = {}
+
+    def run(self, prompt: str, n: int = N_TOKENS):
+        """(prompt tokens, generated tokens, logits after the prompt)."""
+        key = (prompt, n)
+        if key not in self._cache:
+            import llama_cpp
+
+            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=N_CTX, verbose=False)
+            vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+            tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            out: list[int] = []
+            logits = None
+            for t in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
+                if logits is None:  # llama.cpp still holds the prompt's last logits here
+                    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+                    logits = np.ctypeslib.as_array(ptr, (llm.n_vocab(),)).copy()
+                if llama_cpp.llama_vocab_is_eog(vocab, t):
+                    break
+                out.append(t)
+                if len(out) >= n:
+                    break
+            del llm
+            self._cache[key] = (tokens, out, logits)
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def reference(model_path) -> Reference:
+    return Reference(model_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
