@@ -79,3 +79,9 @@ def reference(model_path) -> Reference:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that collected no tests is a failure, never a silent success (pytest's exit 5)."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

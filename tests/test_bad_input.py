@@ -1,0 +1,222 @@
+"""Bad input raises a clear SwarmError before it reaches llama.cpp, and the shard keeps working."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from swarm import LayerRange
+from swarm.chain import LocalChain
+from swarm.engine import Shard, Tokenizer
+from swarm.errors import BadInputError, ContextFullError, KVStateError, ModelFileError, ShardRangeError
+from swarm.models import resolve_model
+from swarm.slicing import slice_model
+
+N_CTX = 256
+
+
+@pytest.fixture(scope="module")
+def shards(model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad-input-shards")
+    paths = [slice_model(model_path, LayerRange(a, b), out).path for a, b in [(0, 6), (6, 12), (12, 18)]]
+    loaded = [Shard(p, n_ctx=N_CTX, max_sessions=2, n_batch=64) for p in paths]
+    yield loaded
+    for s in loaded:
+        s.close()
+
+
+@pytest.fixture
+def first(shards):
+    yield shards[0]
+    for s in list(shards[0].sessions()):
+        shards[0].drop_session(s)
+
+
+@pytest.fixture
+def middle(shards):
+    yield shards[1]
+    for s in list(shards[1].sessions()):
+        shards[1].drop_session(s)
+
+
+def _still_works(shard):
+    """After a refusal the shard still computes correctly."""
+    shard.open_session("probe")
+    try:
+        x = [2, 651, 6037] if shard.role.takes_tokens else np.zeros((3, shard.n_embd), np.float32)
+        out = shard.forward("probe", x)
+        assert np.isfinite(out).all()
+    finally:
+        shard.drop_session("probe")
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        Shard(tmp_path / "nope.gguf")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        resolve_model(tmp_path / "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_bytes(b"this is a text file, not a model\n" * 10)
+    with pytest.raises(ModelFileError, match="not a GGUF model"):
+        Shard(bad)
+    with pytest.raises(ModelFileError, match="not a GGUF model"):
+        Tokenizer(bad)
+
+
+def test_corrupt_header(shards, tmp_path):
+    bad = tmp_path / "corrupt.gguf"
+    data = bytearray(shards[1].path.read_bytes()[:4096])
+    data[8:24] = b"\xff" * 16  # tensor and metadata counts
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="corrupt"):
+        Shard(bad)
+
+
+def test_truncated_file(shards, tmp_path):
+    src = shards[1].path
+    bad = tmp_path / "truncated.gguf"
+    with open(src, "rb") as f, open(bad, "wb") as g:
+        g.write(f.read(src.stat().st_size // 2))
+    with pytest.raises(ModelFileError, match="truncated"):
+        Shard(bad)
+
+
+def test_empty_file(tmp_path):
+    bad = tmp_path / "empty.gguf"
+    bad.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="only 0 bytes"):
+        Shard(bad)
+
+
+def test_middle_shard_has_no_tokenizer(shards):
+    with pytest.raises(ModelFileError, match="no vocabulary"):
+        Tokenizer(shards[1].path)
+
+
+def test_ranges_that_do_not_tile_the_model(model_path):
+    with pytest.raises(BadInputError, match="without gaps"):
+        LocalChain(model_path, [LayerRange(0, 6), LayerRange(7, 18)])
+    with pytest.raises(ShardRangeError, match="cannot cut 18 layers into 19"):
+        LocalChain(model_path, 19)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def test_hidden_states_of_wrong_width(middle):
+    middle.open_session("a")
+    with pytest.raises(BadInputError, match=r"shape \(n, 640\)"):
+        middle.forward("a", np.zeros((2, 512), np.float32))
+    with pytest.raises(BadInputError, match=r"shape \(n, 640\)"):
+        middle.forward("a", np.zeros(640, np.float32))
+    assert middle.session_length("a") == 0
+    _still_works(middle)
+
+
+def test_hidden_states_of_wrong_dtype(middle):
+    middle.open_session("a")
+    with pytest.raises(BadInputError, match="float32"):
+        middle.forward("a", np.zeros((2, 640), np.float64))
+    with pytest.raises(BadInputError, match="float32 numpy array"):
+        middle.forward("a", [[0.0] * 640])
+    _still_works(middle)
+
+
+def test_token_ids_out_of_range_or_not_ints(first):
+    first.open_session("a")
+    with pytest.raises(BadInputError, match="token id 262144 is outside the vocabulary"):
+        first.forward("a", [2, 262144])
+    with pytest.raises(BadInputError, match="token id -1"):
+        first.forward("a", [-1])
+    with pytest.raises(BadInputError, match="1-D list of token ids"):
+        first.forward("a", np.zeros((1, 640), np.float32))
+    _still_works(first)
+
+
+def test_positions_that_skip_or_go_back(first):
+    first.open_session("a")
+    first.forward("a", [2, 651, 6037])
+    with pytest.raises(BadInputError, match="holds 3 positions, so the next batch starts at 3, not 5"):
+        first.forward("a", [10], start=5)
+    with pytest.raises(BadInputError, match="not 1"):
+        first.forward("a", [10], start=1)
+    assert first.session_length("a") == 3
+    first.forward("a", [10], start=3)
+    assert first.session_length("a") == 4
+
+
+def test_empty_and_oversized_batches(first):
+    first.open_session("a")
+    with pytest.raises(BadInputError, match="at least one position"):
+        first.forward("a", [])
+    with pytest.raises(BadInputError, match="larger than this shard's n_batch"):
+        first.forward("a", [5] * 65)
+    _still_works(first)
+
+
+def test_more_tokens_than_the_context_holds(first):
+    first.open_session("a")
+    for _ in range(N_CTX // 64):
+        first.forward("a", [5] * 64)
+    with pytest.raises(ContextFullError, match="context holds 256"):
+        first.forward("a", [5])
+    assert first.session_length("a") == N_CTX
+
+
+def test_more_sessions_than_the_shard_holds(first):
+    first.open_session("a")
+    first.open_session("b")
+    with pytest.raises(ContextFullError, match="already holds 2 sessions"):
+        first.open_session("c")
+    with pytest.raises(BadInputError, match="already open"):
+        first.open_session("a")
+    first.drop_session("b")
+    first.open_session("c")
+
+
+def test_unknown_session(first):
+    with pytest.raises(BadInputError, match="unknown session 'ghost'"):
+        first.forward("ghost", [2])
+    with pytest.raises(BadInputError, match="unknown session"):
+        first.export_kv("ghost")
+
+
+# ------------------------------------------------------------------ KV blobs
+
+
+def test_kv_blob_from_a_different_shard(shards):
+    first, middle = shards[0], shards[1]
+    first.open_session("a")
+    first.forward("a", [2, 651])
+    blob = first.export_kv("a")
+    with pytest.raises(KVStateError, match="belongs to another shard .layers 0:6.* this shard holds layers 6:12"):
+        middle.import_kv("a", blob)
+    assert "a" not in middle.sessions()
+    first.drop_session("a")
+    _still_works(middle)
+
+
+def test_damaged_or_foreign_kv_blob(first):
+    first.open_session("a")
+    first.forward("a", [2, 651])
+    blob = first.export_kv("a")
+    first.drop_session("a")
+    damaged = blob[:-10] + bytes(10)
+    with pytest.raises(KVStateError, match="checksum"):
+        first.import_kv("b", damaged)
+    with pytest.raises(KVStateError, match="checksum"):
+        first.import_kv("b", blob[: len(blob) // 2])
+    with pytest.raises(KVStateError, match="bad magic"):
+        first.import_kv("b", b"GGUF" + bytes(100))
+    with pytest.raises(KVStateError, match="must be bytes"):
+        first.import_kv("b", "text")
+    first.import_kv("b", blob)  # the good blob still loads
+    assert first.session_length("b") == 2

@@ -1,0 +1,74 @@
+"""The package: every module imports on its own, the public names stay, the command line works end to end."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import swarm
+from conftest import PROMPTS
+
+MODULES = sorted(m.name for m in pkgutil.iter_modules(swarm.__path__, "swarm."))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_imports_alone(name):
+    subprocess.run([sys.executable, "-c", f"import {name}"], check=True, timeout=120)
+
+
+def test_public_names():
+    assert set(swarm.__all__) == {
+        "BadInputError", "ContextFullError", "EngineError", "KVStateError", "ModelFileError",
+        "ShardRangeError", "SwarmError", "UnsupportedModelError", "LayerRange", "ShardRole",
+    }
+    assert all(issubclass(getattr(swarm, n), swarm.SwarmError) for n in swarm.__all__ if n.endswith("Error"))
+
+
+def _cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "swarm.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def test_swarm_run_streams_the_reference_text_through_three_shards(reference, _private_cache):
+    prompt = PROMPTS[0]
+    _, expected, _ = reference.run(prompt)
+    import llama_cpp
+
+    n = 24
+    done = _cli("run", "-p", prompt, "-n", str(n), "--shards", "3", "--stats")
+    assert done.returncode == 0, done.stderr
+    assert "cut into 3 shards: 0:6 (first" in done.stderr
+    assert "decode" in done.stderr and "tokens/s" in done.stderr
+    llm = llama_cpp.Llama(model_path=str(reference.path), n_ctx=512, verbose=False, vocab_only=True)
+    text = llm.detokenize(expected[:n]).decode("utf-8", errors="replace")
+    assert done.stdout == prompt + text + "\n"
+
+
+def test_swarm_shard_and_info(model_path, tmp_path):
+    done = _cli("shard", "--layers", "6:12", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.strip()
+    assert path.endswith("-L6-12.gguf")
+    info = _cli("info", "-m", path)
+    assert info.returncode == 0 and "layers        6:12 of 18 (middle)" in info.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "-m", "/nonexistent.gguf"], "does not exist"),
+        (["run", "--split", "0:6,6:20"], "the model has 18 layers"),
+        (["run", "--split", "0-6"], "START:END"),
+        (["run", "--top-p", "2"], "top_p must be in"),
+        (["shard", "--layers", "10:30"], "outside the model"),
+    ],
+)
+def test_cli_errors_are_clear(args, message):
+    done = _cli(*args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr

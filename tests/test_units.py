@@ -1,0 +1,84 @@
+"""Pure logic: layer ranges, even splits, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swarm import LayerRange, ShardRole
+from swarm.errors import BadInputError, ShardRangeError
+from swarm.layers import split_evenly
+from swarm.sampling import Sampler, SamplingParams
+
+
+def test_roles():
+    assert LayerRange(0, 18).role(18) == ShardRole.WHOLE
+    assert LayerRange(0, 6).role(18) == ShardRole.FIRST
+    assert LayerRange(6, 12).role(18) == ShardRole.MIDDLE
+    assert LayerRange(12, 18).role(18) == ShardRole.LAST
+    assert ShardRole.FIRST.takes_tokens and not ShardRole.FIRST.gives_logits
+    assert ShardRole.LAST.gives_logits and not ShardRole.LAST.takes_tokens
+
+
+def test_parse_and_print():
+    assert LayerRange.parse(" 3 : 9 ") == LayerRange(3, 9)
+    assert str(LayerRange(3, 9)) == "3:9"
+    for bad in ["3", "a:b", "9:3", "-1:4", "4:4"]:
+        with pytest.raises(ShardRangeError):
+            LayerRange.parse(bad)
+
+
+@pytest.mark.parametrize("n,parts", [(18, 1), (18, 3), (18, 4), (18, 18), (7, 3), (80, 6)])
+def test_split_evenly_tiles_the_model(n, parts):
+    ranges = split_evenly(n, parts)
+    assert len(ranges) == parts and ranges[0].start == 0 and ranges[-1].end == n
+    assert all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
+    sizes = [r.count for r in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_split_evenly_refuses_impossible_counts():
+    with pytest.raises(ShardRangeError):
+        split_evenly(18, 0)
+    with pytest.raises(ShardRangeError):
+        split_evenly(18, 19)
+
+
+def test_greedy_is_argmax_first_maximum():
+    logits = np.array([0.1, 3.0, 3.0, -1.0], np.float32)
+    assert Sampler(SamplingParams()).sample(logits) == 1
+
+
+def test_repeat_penalty_follows_llama_cpp_rule():
+    logits = np.array([2.0, 1.9, -1.0, -1.1], np.float32)
+    s = Sampler(SamplingParams(repeat_penalty=2.0), history=[0, 2])
+    # 2.0 -> 1.0 (divided), -1.0 -> -2.0 (multiplied): token 1 now wins.
+    assert s.sample(logits) == 1
+
+
+def test_seeded_sampling_is_reproducible_and_respects_top_k():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    params = SamplingParams(temperature=1.5, top_k=5, top_p=1.0, min_p=0.0, seed=7)
+    a = [Sampler(params).sample(logits) for _ in range(1)] + [Sampler(params).sample(logits)]
+    assert a[0] == a[1]
+    top5 = set(np.argsort(-logits)[:5].tolist())
+    s = Sampler(params)
+    draws = {s.sample(logits) for _ in range(200)}
+    assert draws <= top5 and len(draws) > 1
+
+
+def test_min_p_and_top_p_cut_the_tail():
+    logits = np.log(np.array([0.6, 0.3, 0.05, 0.05], np.float32))
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.85, min_p=0.0, seed=0))
+    assert {s.sample(logits) for _ in range(300)} == {0, 1}
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.4, seed=0))
+    assert {s.sample(logits) for _ in range(300)} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"top_p": 0.0}, {"top_k": -1}, {"min_p": 1.0}, {"repeat_penalty": 0.0}, {"temperature": float("nan")}]
+)
+def test_impossible_sampling_options_are_refused(kwargs):
+    with pytest.raises(BadInputError):
+        SamplingParams(**kwargs)
