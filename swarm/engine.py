@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ._capture import HiddenCapture
 from .errors import BadInputError, ContextFullError, EngineError, KVStateError, ModelFileError
 from .gguf_file import read_gguf
 from .layers import LayerRange, ShardRole
@@ -206,9 +207,12 @@ class Shard:
         p.no_perf = True
         self._capture = None
         if not self.role.gives_logits:
-            self._capture = _HiddenCapture(f"l_out-{self.layers.count - 1}", self.n_batch, self.n_embd)
+            self._capture = HiddenCapture(
+                f"l_out-{self.layers.count - 1}", self.n_batch, self.n_embd, _ggml(),
+                llama_cpp.ggml_backend_sched_eval_callback,
+            )
             p.cb_eval = self._capture.callback
-            p.cb_eval_user_data = None
+            p.cb_eval_user_data = self._capture.user_data
         self._ctx = llama_cpp.llama_init_from_model(self._model, p)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -452,47 +456,3 @@ def _parse_kv_blob(blob: bytes) -> tuple[dict, bytes]:
     if not isinstance(head, dict) or hashlib.sha256(payload).hexdigest() != head.get("sha256"):
         raise KVStateError("KV state is damaged or truncated (checksum mismatch); export it again")
     return head, payload
-
-
-class _HiddenCapture:
-    """The eval callback that copies `l_out-<k-1>` out of the graph and stops the split there."""
-
-    def __init__(self, node_name: str, n_batch: int, n_embd: int):
-        self._target = node_name.encode() + b"\0"
-        self._name_off: int | None = None
-        self._out = np.empty((n_batch, n_embd), dtype=np.float32)
-        self._out_ptr = self._out.ctypes.data
-        self._n = 0
-        self._got = False
-        self._error: str | None = None
-        self._ggml = _ggml()
-        llama_cpp = _llama()
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
-
-    def arm(self, n_tokens: int) -> None:
-        self._n, self._got, self._error = n_tokens, False, None
-
-    def _on_node(self, tensor, ask, _user) -> bool:
-        # Called for every graph node on the per-token hot path: keep it to one memory read.
-        if ask:
-            if self._name_off is None:
-                self._name_off = self._ggml.ggml_get_name(tensor) - tensor
-            return ctypes.string_at(tensor + self._name_off, len(self._target)) == self._target
-        try:
-            nbytes = self._ggml.ggml_nbytes(tensor)
-            want = self._n * self._out.shape[1] * 4
-            if nbytes != want:
-                self._error = f"layer output has {nbytes} bytes, expected {want}"
-                return False
-            self._ggml.ggml_backend_tensor_get(tensor, self._out_ptr, 0, nbytes)
-            self._got = True
-        except Exception as e:  # an exception must not unwind through C
-            self._error = repr(e)
-        return False  # stop here: the norm and head after this node are not needed
-
-    def take(self) -> np.ndarray:
-        if self._error:
-            raise EngineError(f"capturing the shard's output failed: {self._error}")
-        if not self._got:
-            raise EngineError("the shard's graph had no layer-output node to capture; is the architecture supported?")
-        return self._out[: self._n].copy()

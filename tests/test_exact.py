@@ -65,3 +65,19 @@ def test_long_prompt_goes_in_n_batch_pieces(model_path, reference):
     del llm
     with LocalChain(model_path, 2, n_ctx=N_CTX, n_batch=64) as chain:
         assert list(chain.generate(tokens, max_tokens=16, stop_at_eog=False)) == expected
+
+
+def test_python_and_c_layer_capture_agree(model_path, reference, monkeypatch):
+    """The compiled callback is used where a compiler exists; the Python fallback gives the same text."""
+    import shutil
+
+    from swarm import _capture
+
+    tokens, expected, _ = reference.run(PROMPTS[2])
+    with LocalChain(model_path, 3, n_ctx=N_CTX) as chain:
+        kinds = {s._capture.kind for s in chain.shards[:-1]}
+        assert kinds == ({"c"} if shutil.which("cc") else {"python"})
+    monkeypatch.setattr(_capture, "_native", False)
+    with LocalChain(model_path, 3, n_ctx=N_CTX) as chain:
+        assert {s._capture.kind for s in chain.shards[:-1]} == {"python"}
+        assert list(chain.generate(tokens, max_tokens=N_TOKENS)) == expected
