@@ -46,6 +46,7 @@ class LocalChain:
         max_sessions: int = 1,
         n_threads: int | None = None,
         shard_dir: str | os.PathLike | None = None,
+        lookahead: bool | None = None,
     ):
         self.model_path = Path(model_path)
         n_layer = model_layer_count(read_gguf(self.model_path))
@@ -58,7 +59,7 @@ class LocalChain:
         self.shards: list[Shard] = []
         try:
             for r in self.ranges:
-                shard_path = slice_model(self.model_path, r, shard_dir).path
+                shard_path = slice_model(self.model_path, r, shard_dir, lookahead).path
                 self.shards.append(
                     Shard(shard_path, n_ctx=n_ctx, n_batch=self.n_batch, max_sessions=max_sessions, n_threads=n_threads)
                 )

@@ -302,6 +302,11 @@ class Shard:
             if self.role.gives_logits:
                 self._b_logits[:n] = 0
                 self._b_logits[n - 1] = 1
+            elif self.info.lookahead:
+                # The row selection for outputs happens in the look-ahead block, which never runs.
+                self._b_logits[:n] = 0
+                self._b_logits[n - 1] = 1
+                self._capture.arm(n)
             else:
                 self._b_logits[:n] = 1  # llama.cpp computes a shard's last layer only for output rows
                 self._capture.arm(n)

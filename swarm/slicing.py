@@ -4,6 +4,13 @@ A shard is a GGUF whose `<arch>.block_count` is the range's length and whose `bl
 renumbered from 0. Anything llama.cpp derives from a layer's index must be written per layer for the
 slice (Gemma 3's sliding-window pattern), so each supported architecture names its per-layer keys.
 Shards that produce no logits drop the vocabulary; the first shard keeps it to read token ids.
+
+A first shard must also not make llama.cpp keep logits: it has the full vocabulary, and every row of a
+batch has to be an output for its last layer to be computed for all rows, so llama.cpp would hold
+n_vocab floats per prompt token (537 MB for a 512-token prompt on Gemma's 262k vocabulary). Instead
+the slicer may append one look-ahead block (a copy of the next layer) that the engine never runs: the
+row selection llama.cpp applies in the final block then happens there, so only one row is an output.
+The slicer picks whichever costs less: that block's bytes, or the logits for a 512-token batch.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from .layers import LayerRange, ShardRole
 log = logging.getLogger(__name__)
 
 # Bump when the bytes a slice produces change, so cached shards are not reused across formats.
-SLICER_VERSION = 1
+SLICER_VERSION = 2
 
 # Keys llama.cpp reads with get_key_or_arr(..., n_layer): a scalar applies to every layer, an array
 # holds one value per layer and must be sliced with the blocks.
@@ -72,6 +79,7 @@ class ShardFile:
     n_layer_total: int
     role: ShardRole
     shard_id: str  # content name: same source bytes and range give the same id
+    lookahead: int = 0  # extra blocks stored after the range, never computed (see module docstring)
 
 
 def model_layer_count(model: GGUFFile) -> int:
@@ -101,8 +109,12 @@ def check_supported(model: GGUFFile) -> ArchRules:
     return SUPPORTED[arch]
 
 
-def shard_id(source_digest: str, layers: LayerRange, n_layer: int) -> str:
-    text = f"swarm-shard v{SLICER_VERSION} {source_digest} {layers.start}:{layers.end}/{n_layer}"
+# Batch size the look-ahead choice plans for: llama.cpp's default n_batch.
+PLANNED_BATCH = 512
+
+
+def shard_id(source_digest: str, layers: LayerRange, n_layer: int, lookahead: int = 0) -> str:
+    text = f"swarm-shard v{SLICER_VERSION} {source_digest} {layers.start}:{layers.end}/{n_layer} +{lookahead}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -143,8 +155,11 @@ def _per_layer_values(model: GGUFFile, rules: ArchRules, n_layer: int) -> dict[s
     return out
 
 
-def _metadata(model: GGUFFile, rules: ArchRules, layers: LayerRange, n_layer: int, role: ShardRole, sid: str):
+def _metadata(
+    model: GGUFFile, rules: ArchRules, layers: LayerRange, n_layer: int, role: ShardRole, sid: str, lookahead: int
+):
     arch = model.arch
+    stored = LayerRange(layers.start, layers.end + lookahead)
     per_layer = _per_layer_values(model, rules, n_layer)
     keep_vocab = role != ShardRole.MIDDLE
     blobs: list[bytes] = []
@@ -153,10 +168,10 @@ def _metadata(model: GGUFFile, rules: ArchRules, layers: LayerRange, n_layer: in
         if key.startswith("GGUF."):
             continue
         if key == f"{arch}.block_count":
-            blobs.append(encode_kv(key, kv.vtype, layers.count))
+            blobs.append(encode_kv(key, kv.vtype, stored.count))
         elif key in per_layer:
             src = per_layer[key]
-            blobs.append(encode_kv(key, src.vtype, src.value[layers.start:layers.end], src.item_type))
+            blobs.append(encode_kv(key, src.vtype, src.value[stored.start:stored.end], src.item_type))
         elif not keep_vocab and key.startswith("tokenizer.") and key not in _VOCAB_KEYS_KEPT:
             continue  # a middle shard reads hidden states and writes hidden states: no vocabulary
         elif not keep_vocab and key == "tokenizer.ggml.model":
@@ -168,7 +183,7 @@ def _metadata(model: GGUFFile, rules: ArchRules, layers: LayerRange, n_layer: in
         emitted.add(key)
     for key, kv in per_layer.items():  # patterns llama.cpp would derive from the index
         if key not in emitted:
-            blobs.append(encode_kv(key, kv.vtype, kv.value[layers.start:layers.end], kv.item_type))
+            blobs.append(encode_kv(key, kv.vtype, kv.value[stored.start:stored.end], kv.item_type))
     if not keep_vocab:
         if "tokenizer.ggml.model" not in emitted:
             blobs.append(encode_kv("tokenizer.ggml.model", GGUFValueType.STRING, "none"))
@@ -180,11 +195,13 @@ def _metadata(model: GGUFFile, rules: ArchRules, layers: LayerRange, n_layer: in
         encode_kv(META_PREFIX + "layer_start", u32, layers.start),
         encode_kv(META_PREFIX + "layer_end", u32, layers.end),
         encode_kv(META_PREFIX + "n_layer_total", u32, n_layer),
+        encode_kv(META_PREFIX + "lookahead", u32, lookahead),
     ]
     return blobs
 
 
-def _tensors(model: GGUFFile, layers: LayerRange, role: ShardRole) -> list[TensorSource]:
+def _tensors(model: GGUFFile, layers: LayerRange, role: ShardRole, lookahead: int) -> list[TensorSource]:
+    stored = LayerRange(layers.start, layers.end + lookahead)
     blocks: list[tuple[int, str, TensorSource]] = []
     others: list[TensorSource] = []
     for t in model.tensors:
@@ -192,8 +209,8 @@ def _tensors(model: GGUFFile, layers: LayerRange, role: ShardRole) -> list[Tenso
         m = _BLOCK.match(t.name)
         if m:
             i = int(m.group(1))
-            if layers.start <= i < layers.end:
-                src.name = f"blk.{i - layers.start}.{m.group(2)}"
+            if stored.start <= i < stored.end:
+                src.name = f"blk.{i - stored.start}.{m.group(2)}"
                 blocks.append((i, m.group(2), src))
             continue
         if t.name == "output.weight" and not role.gives_logits:
@@ -207,25 +224,41 @@ def _tensors(model: GGUFFile, layers: LayerRange, role: ShardRole) -> list[Tenso
     return others + [b[2] for b in blocks]
 
 
+def _choose_lookahead(model: GGUFFile, layers: LayerRange, role: ShardRole) -> int:
+    """1 if a first shard is cheaper with a look-ahead block than with a full batch of logits."""
+    if role != ShardRole.FIRST:
+        return 0
+    block_bytes = sum(t.nbytes for t in model.tensors if t.name.startswith(f"blk.{layers.end}."))
+    tokens = model.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens) if tokens is not None else int(model.get(f"{model.arch}.vocab_size", 0) or 0)
+    return 1 if block_bytes < n_vocab * PLANNED_BATCH * 4 else 0
+
+
 def slice_model(
     model_path: str | os.PathLike,
     layers: LayerRange,
     out_dir: str | os.PathLike | None = None,
+    lookahead: bool | None = None,
 ) -> ShardFile:
-    """Write (or reuse) the shard of `model_path` holding `layers`; returns where it is."""
+    """Write (or reuse) the shard of `model_path` holding `layers`; returns where it is.
+
+    `lookahead` forces the first shard's look-ahead block on or off; None lets the slicer choose.
+    """
     model = read_gguf(model_path)
     rules = check_supported(model)
     n_layer = model_layer_count(model)
     layers.check_within(n_layer)
     role = layers.role(n_layer)
-    sid = shard_id(cache.file_digest(model.path), layers, n_layer)
+    auto = _choose_lookahead(model, layers, role)
+    extra = auto if lookahead is None else int(bool(lookahead) and role == ShardRole.FIRST)
+    sid = shard_id(cache.file_digest(model.path), layers, n_layer, extra)
     out_dir = Path(out_dir) if out_dir is not None else cache.subdir("shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{model.arch}-{sid[:16]}-L{layers.start}-{layers.end}.gguf"
     if target.exists():
-        return ShardFile(target, layers, n_layer, role, sid)
-    blobs = _metadata(model, rules, layers, n_layer, role, sid)
-    tensors = _tensors(model, layers, role)
+        return ShardFile(target, layers, n_layer, role, sid, extra)
+    blobs = _metadata(model, rules, layers, n_layer, role, sid, extra)
+    tensors = _tensors(model, layers, role, extra)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     log.info("slicing layers %s of %s into %s", layers, model.path.name, target.name)
     try:
@@ -234,7 +267,7 @@ def slice_model(
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return ShardFile(target, layers, n_layer, role, sid)
+    return ShardFile(target, layers, n_layer, role, sid, extra)
 
 
 def shard_info(path: str | os.PathLike) -> ShardFile:
@@ -243,6 +276,9 @@ def shard_info(path: str | os.PathLike) -> ShardFile:
     n_layer = model_layer_count(model)
     if META_PREFIX + "layer_start" in model.kvs:
         layers = LayerRange(int(model.get(META_PREFIX + "layer_start")), int(model.get(META_PREFIX + "layer_end")))
-        return ShardFile(model.path, layers, n_layer, layers.role(n_layer), str(model.get(META_PREFIX + "id")))
+        return ShardFile(
+            model.path, layers, n_layer, layers.role(n_layer), str(model.get(META_PREFIX + "id")),
+            int(model.get(META_PREFIX + "lookahead", 0)),
+        )
     layers = LayerRange(0, n_layer)
     return ShardFile(model.path, layers, n_layer, ShardRole.WHOLE, cache.file_digest(model.path))

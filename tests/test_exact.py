@@ -81,3 +81,14 @@ def test_python_and_c_layer_capture_agree(model_path, reference, monkeypatch):
     with LocalChain(model_path, 3, n_ctx=N_CTX) as chain:
         assert {s._capture.kind for s in chain.shards[:-1]} == {"python"}
         assert list(chain.generate(tokens, max_tokens=N_TOKENS)) == expected
+
+
+def test_first_shard_without_lookahead_block_is_exact_too(model_path, reference):
+    """The other first-shard mode (every row an output, logits kept) gives the same text."""
+    tokens, expected, ref_logits = reference.run(PROMPTS[0])
+    with LocalChain(model_path, 3, n_ctx=N_CTX, lookahead=False) as chain:
+        assert chain.shards[0].info.lookahead == 0
+        sid = chain.open_session()
+        assert float(np.abs(chain.prefill(sid, tokens) - ref_logits).max()) == 0.0
+        chain.drop_session(sid)
+        assert list(chain.generate(tokens, max_tokens=N_TOKENS)) == expected

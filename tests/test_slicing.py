@@ -30,8 +30,25 @@ def test_gemma_shards_carry_their_slice_of_the_sliding_window_pattern(model_path
     assert meta.get("gemma3.attention.sliding_window_pattern") == [True] * 5 + [False]
     assert [t.name for t in meta.tensors if t.name.startswith("blk.")][0].startswith("blk.0.")
     assert max(int(t.name.split(".")[1]) for t in meta.tensors if t.name.startswith("blk.")) == 5
-    first = read_gguf(slice_model(model_path, LayerRange(0, 4), tmp_path).path)
+    first = read_gguf(slice_model(model_path, LayerRange(0, 4), tmp_path, lookahead=False).path)
     assert first.get("gemma3.attention.sliding_window_pattern") == [True] * 4
+    last = read_gguf(slice_model(model_path, LayerRange(10, 18), tmp_path).path)
+    assert last.get("gemma3.attention.sliding_window_pattern") == [True, False] + [True] * 5 + [False]
+
+
+def test_first_shard_gets_a_lookahead_block_when_it_is_cheaper_than_logits(model_path, tmp_path):
+    """Gemma: one block (~4 MB) is far less than 512 rows of 262k logits (537 MB)."""
+    shard = slice_model(model_path, LayerRange(0, 5), tmp_path)
+    meta = read_gguf(shard.path)
+    assert shard.lookahead == 1 and meta.get("swarm.shard.lookahead") == 1
+    assert meta.get("gemma3.block_count") == 6  # five layers plus layer 5 as the look-ahead
+    assert meta.get("gemma3.attention.sliding_window_pattern") == [True] * 5 + [False]
+    assert meta.get("swarm.shard.layer_end") == 5
+    plain = slice_model(model_path, LayerRange(0, 5), tmp_path, lookahead=False)
+    assert plain.lookahead == 0 and plain.shard_id != shard.shard_id
+    assert read_gguf(plain.path).get("gemma3.block_count") == 5
+    # Only first shards ever get one.
+    assert slice_model(model_path, LayerRange(5, 10), tmp_path, lookahead=True).lookahead == 0
 
 
 def test_middle_shard_drops_the_vocabulary(model_path, tmp_path):
@@ -81,12 +98,14 @@ def test_tiny_llama_per_layer_arrays_are_sliced(tiny_llama, tmp_path):
     assert shard.tensor("output.weight") is None  # a middle shard computes no logits
 
 
+@pytest.mark.parametrize("lookahead", [True, False], ids=["lookahead", "all-rows-out"])
 @pytest.mark.parametrize("split", [[(0, 2), (2, 4)], [(0, 1), (1, 3), (3, 4)], [(0, 1), (1, 2), (2, 3), (3, 4)]])
-def test_tiny_llama_chain_equals_unsplit(tiny_llama, tmp_path, split):
+def test_tiny_llama_chain_equals_unsplit(tiny_llama, tmp_path, split, lookahead):
     tokens = [1, 5, 77, 200, 260, 299, 42, 7]
     with LocalChain(tiny_llama, 1, shard_dir=tmp_path) as whole, LocalChain(
-        tiny_llama, [LayerRange(*r) for r in split], shard_dir=tmp_path
+        tiny_llama, [LayerRange(*r) for r in split], shard_dir=tmp_path, lookahead=lookahead
     ) as parts:
+        assert parts.shards[0].info.lookahead == int(lookahead)
         a, b = whole.open_session(), parts.open_session()
         diff = np.abs(whole.prefill(a, tokens) - parts.prefill(b, tokens)).max()
         assert diff == 0.0, f"largest logit difference {diff}"
