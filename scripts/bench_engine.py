@@ -29,6 +29,8 @@ PROMPT = (
     "to South America about three million years ago during the Great American Interchange."
 )
 CONFIGS = ["llama-cpp-python", "1 shard", "2 shards", "3 shards"]
+# Each shard of the 3-way split in a process of its own: what one machine of a swarm holds.
+ALONE = ["shard 1 of 3 alone", "shard 2 of 3 alone", "shard 3 of 3 alone"]
 
 
 def measure(config: str, model: str, threads: int, n_decode: int) -> dict:
@@ -53,6 +55,33 @@ def measure(config: str, model: str, threads: int, n_decode: int) -> dict:
                 t2 = time.perf_counter()
             if n > n_decode:
                 break
+        t3 = time.perf_counter()
+    elif config in ALONE:
+        from swarm.engine import Shard, Tokenizer
+        from swarm.layers import split_evenly
+        from swarm.slicing import model_layer_count, slice_model
+        from swarm.gguf_file import read_gguf
+
+        index = ALONE.index(config)
+        tok = Tokenizer(model)
+        tokens = tok.tokenize(PROMPT)
+        tok.close()
+        r = split_evenly(model_layer_count(read_gguf(model)), 3)[index]
+        shard = Shard(slice_model(model, r).path, n_ctx=1024, n_threads=threads)
+        n_embd = shard.n_embd
+
+        def inputs(ids):  # activations are zeros here: this run measures memory and time, not text
+            return np.asarray(ids, np.int32) if shard.role.takes_tokens else np.zeros((len(ids), n_embd), np.float32)
+
+        shard.open_session("w")
+        shard.forward("w", inputs(tokens[:8]))
+        shard.drop_session("w")
+        shard.open_session("s")
+        t0 = time.perf_counter()
+        shard.forward("s", inputs(tokens))
+        t1 = t2 = time.perf_counter()
+        for _ in range(n_decode):
+            shard.forward("s", inputs([5]))
         t3 = time.perf_counter()
     else:
         from swarm.chain import LocalChain
@@ -99,9 +128,9 @@ def main() -> int:
         print(json.dumps(measure(args.child, model, threads, args.decode)))
         return 0
 
-    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    results: dict[str, list[dict]] = {c: [] for c in CONFIGS + ALONE}
     for r in range(args.rounds):
-        for config in CONFIGS:
+        for config in CONFIGS + ALONE:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", config, "--model", model, "--threads", str(threads),
                  "--decode", str(args.decode)],
@@ -120,6 +149,13 @@ def main() -> int:
         m = med[c]
         print(f"| {c} | {m['prefill_tps']:.0f} | {m['decode_tps']:.1f} | {m['decode_tps'] / base['decode_tps']:.0%} "
               f"| {m['peak_rss_mb']:.0f} |")
+    print("\nThe 3-way split with each shard in a process of its own (as on three machines):\n")
+    print("| shard | prefill ms | decode ms/step | peak RSS MB |")
+    print("|---|---|---|---|")
+    for c in ALONE:
+        m = med[c]
+        print(f"| {c.replace(' alone', '')} | {1000 * m['prompt_tokens'] / m['prefill_tps']:.0f} "
+              f"| {1000 / m['decode_tps']:.2f} | {m['peak_rss_mb']:.0f} |")
     return 0
 
 

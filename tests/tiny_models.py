@@ -21,7 +21,11 @@ def _vocab() -> tuple[list[bytes], list[float], list[int]]:
 
 
 def write_tiny_llama(path: Path, arch: str = "llama", extra_kv: dict | None = None, seed: int = 0) -> Path:
-    """A 4-layer llama-architecture model with a 300-token SPM vocabulary and random F32 weights."""
+    """A 4-layer llama-family model with a 300-token SPM vocabulary and random F32 weights.
+
+    arch may be llama, mistral3, qwen2 (adds q/k/v biases) or qwen3 (adds q/k norms); any other name
+    writes llama-shaped tensors under that architecture (for refusal tests).
+    """
     rng = np.random.default_rng(seed)
     tokens, scores, types = _vocab()
     n_vocab = len(tokens)
@@ -60,6 +64,13 @@ def write_tiny_llama(path: Path, arch: str = "llama", extra_kv: dict | None = No
         w.add_tensor(f"blk.{i}.attn_k.weight", t(N_HEAD_KV * head_dim, N_EMBD))
         w.add_tensor(f"blk.{i}.attn_v.weight", t(N_HEAD_KV * head_dim, N_EMBD))
         w.add_tensor(f"blk.{i}.attn_output.weight", t(N_EMBD, N_HEAD * head_dim))
+        if arch == "qwen2":
+            w.add_tensor(f"blk.{i}.attn_q.bias", t(N_HEAD * head_dim))
+            w.add_tensor(f"blk.{i}.attn_k.bias", t(N_HEAD_KV * head_dim))
+            w.add_tensor(f"blk.{i}.attn_v.bias", t(N_HEAD_KV * head_dim))
+        if arch == "qwen3":
+            w.add_tensor(f"blk.{i}.attn_q_norm.weight", 1.0 + t(head_dim, scale=0.05))
+            w.add_tensor(f"blk.{i}.attn_k_norm.weight", 1.0 + t(head_dim, scale=0.05))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", 1.0 + t(N_EMBD, scale=0.05))
         w.add_tensor(f"blk.{i}.ffn_gate.weight", t(N_FF, N_EMBD))
         w.add_tensor(f"blk.{i}.ffn_up.weight", t(N_FF, N_EMBD))
