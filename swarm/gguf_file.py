@@ -8,6 +8,7 @@ value with its original type, and writes in a fixed order so the same input give
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -113,6 +114,23 @@ class _Cursor:
             # Some vocabularies hold invalid UTF-8 pieces; keep them readable, the raw bytes are kept anyway.
             return raw.decode("utf-8", errors="surrogateescape")
 
+    def _strings(self, count: int) -> list[str]:
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack_len = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.take(8)  # raises the truncation error
+            (n,) = unpack_len(buf, pos)
+            pos += 8
+            if pos + n > end:
+                self.pos = pos
+                self.take(n)
+            out.append(buf[pos:pos + n].decode("utf-8", errors="surrogateescape"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | None]:
         if vtype in _SCALAR:
             return self.unpack(_SCALAR[vtype]), None
@@ -128,6 +146,8 @@ class _Cursor:
                 size = struct.calcsize(fmt)
                 raw = self.take(size * count)
                 return list(struct.unpack(f"<{count}{fmt[1]}", raw)), item
+            if item == GGUFValueType.STRING:  # vocabularies: hundreds of thousands of strings
+                return self._strings(count), item
             return [self.value(item)[0] for _ in range(count)], item
         raise ModelFileError(f"{self.path} is corrupt: unknown metadata value type {vtype}")
 
@@ -140,8 +160,22 @@ def _value_type(code: int, path: Path) -> GGUFValueType:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse and validate a GGUF file's header; tensor data is checked for extent, not read."""
+    """Parse and validate a GGUF file's header; tensor data is checked for extent, not read.
+
+    Results are remembered per (path, size, mtime): treat the returned object as read-only.
+    """
     path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {path} does not exist") from None
+    except OSError as e:
+        raise ModelFileError(f"cannot open model file {path}: {e.strerror}") from None
+    return _read_cached(path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_cached(path: Path, _size: int, _mtime_ns: int) -> GGUFFile:
     try:
         f = open(path, "rb")
     except FileNotFoundError:
