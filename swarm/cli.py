@@ -9,7 +9,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import SwarmError
+from .errors import BadInputError, SwarmError
 from .layers import LayerRange
 
 DEFAULT_PROMPT = "The three most useful things to know about llamas are"
@@ -38,6 +38,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         layout = ", ".join(f"{s.layers} ({s.role.value}, {s.path.stat().st_size / 1e6:.0f} MB)" for s in chain.shards)
         print(f"model {model.name} cut into {len(chain.shards)} shards: {layout}", file=sys.stderr)
         tokens = chain.tokenizer.tokenize(args.prompt)
+        if len(tokens) + args.max_tokens > args.ctx:
+            raise BadInputError(
+                f"the prompt ({len(tokens)} tokens) plus --max-tokens {args.max_tokens} exceeds the context of "
+                f"{args.ctx}; raise --ctx or lower --max-tokens"
+            )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
@@ -127,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "max_tokens", 1) < 0:
-        print("error: --max-tokens must be 0 or more", file=sys.stderr)
-        return 2
+    for flag, value, low in (("--max-tokens", getattr(args, "max_tokens", 0), 0), ("--ctx", getattr(args, "ctx", 1), 1),
+                             ("--threads", getattr(args, "threads", None) or 1, 1),
+                             ("--shards", getattr(args, "shards", 1), 1)):
+        if value < low:
+            print(f"error: {flag} must be at least {low}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except SwarmError as e:

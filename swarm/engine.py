@@ -48,8 +48,8 @@ def _llama():
         @llama_cpp.llama_log_callback
         def _on_log(level, text, _user):  # called from llama.cpp threads
             msg = text.decode("utf-8", errors="replace").rstrip()
-            if msg:
-                _llama_log.log(logging.WARNING if level in (2, 3) and "error" in msg.lower() else logging.DEBUG, msg)
+            if msg:  # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
+                _llama_log.log({3: logging.INFO, 4: logging.WARNING}.get(level, logging.DEBUG), msg)
 
         llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
@@ -70,12 +70,10 @@ def _ggml():
 
 
 def default_threads() -> int:
-    try:
-        import psutil
+    """Physical cores: llama.cpp gains little from hyper-threads."""
+    import psutil
 
-        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except Exception:  # pragma: no cover - psutil is a dependency, this is belt and braces
-        return max(1, os.cpu_count() or 1)
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
 def _load_model(path: Path, vocab_only: bool):
@@ -175,8 +173,11 @@ class Shard:
         n_threads_batch: int | None = None,
         flash_attn: bool = False,
     ):
-        if n_ctx < 1 or max_sessions < 1 or n_batch < 1:
-            raise BadInputError("n_ctx, max_sessions and n_batch must be positive")
+        for name, value in (("n_ctx", n_ctx), ("max_sessions", max_sessions), ("n_batch", n_batch),
+                            ("n_threads", 1 if n_threads is None else n_threads),
+                            ("n_threads_batch", 1 if n_threads_batch is None else n_threads_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise BadInputError(f"{name} must be a positive whole number, got {value!r}")
         self.info: ShardFile = shard_info(path)  # validates the file before llama.cpp sees it
         self.path = self.info.path
         self.layers: LayerRange = self.info.layers
@@ -235,6 +236,8 @@ class Shard:
     def open_session(self, session: str) -> None:
         """Reserve a sequence for `session`; its KV cache starts empty."""
         with self._lock:
+            if not self._ctx:
+                raise EngineError(f"shard {self.layers} is closed; load it again")
             if session in self._sessions:
                 raise BadInputError(f"session {session!r} is already open on shard {self.layers}")
             if not self._free_seqs:
@@ -250,7 +253,7 @@ class Shard:
         """Forget a session and free its KV cache (no error if it is not open)."""
         with self._lock:
             s = self._sessions.pop(session, None)
-            if s is not None:
+            if s is not None and self._ctx:
                 self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
                 self._free_seqs.append(s.seq)
 
@@ -263,6 +266,8 @@ class Shard:
         return self._get(session).n_past
 
     def _get(self, session: str) -> _Session:
+        if not self._ctx:
+            raise EngineError(f"shard {self.layers} is closed; load it again")
         s = self._sessions.get(session)
         if s is None:
             raise BadInputError(f"unknown session {session!r} on shard {self.layers}; open it first")

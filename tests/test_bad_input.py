@@ -10,7 +10,7 @@ import pytest
 from swarm import LayerRange
 from swarm.chain import LocalChain
 from swarm.engine import Shard, Tokenizer
-from swarm.errors import BadInputError, ContextFullError, KVStateError, ModelFileError, ShardRangeError
+from swarm.errors import BadInputError, EngineError, ContextFullError, KVStateError, ModelFileError, ShardRangeError
 from swarm.models import resolve_model
 from swarm.slicing import slice_model
 
@@ -222,3 +222,30 @@ def test_damaged_or_foreign_kv_blob(first):
         first.import_kv("b", "text")
     first.import_kv("b", blob)  # the good blob still loads
     assert first.session_length("b") == 2
+
+
+def test_truncated_inside_the_vocabulary(shards, tmp_path):
+    bad = tmp_path / "cut-in-vocab.gguf"
+    with open(shards[0].path, "rb") as f:
+        bad.write_bytes(f.read(1 << 20))  # the header's token list alone is several MB
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        Shard(bad)
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        Tokenizer(bad)
+
+
+def test_closed_shard_refuses_work(shards):
+    shard = Shard(shards[1].path, n_ctx=N_CTX)
+    shard.open_session("a")
+    shard.close()
+    with pytest.raises(EngineError, match="closed"):
+        shard.forward("a", np.zeros((1, 640), np.float32))
+    with pytest.raises(EngineError, match="closed"):
+        shard.open_session("b")
+    shard.drop_session("a")  # harmless
+
+
+@pytest.mark.parametrize("option", [{"n_ctx": 0}, {"max_sessions": -1}, {"n_threads": 0}, {"n_batch": 1.5}])
+def test_impossible_shard_options(shards, option):
+    with pytest.raises(BadInputError, match="positive whole number"):
+        Shard(shards[1].path, **option)

@@ -66,6 +66,9 @@ def test_swarm_shard_and_info(model_path, tmp_path):
         (["run", "--split", "0-6"], "START:END"),
         (["run", "--top-p", "2"], "top_p must be in"),
         (["shard", "--layers", "10:30"], "outside the model"),
+        (["run", "-n", "600"], "raise --ctx or lower --max-tokens"),
+        (["run", "--threads", "-2"], "--threads must be at least 1"),
+        (["run", "--shards", "0"], "--shards must be at least 1"),
     ],
 )
 def test_cli_errors_are_clear(args, message):
