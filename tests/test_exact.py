@@ -45,7 +45,7 @@ def test_interleaved_sessions_match_their_solo_runs(model_path, reference):
                 token = int(np.argmax(logits))
                 out.append(token)
                 runs[sid] = (chain.step(sid, [token]), out, runs[sid][2])
-        for sid, (_, out, expected) in runs.items():
+        for _sid, (_, out, expected) in runs.items():
             assert out == expected
 
 
