@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 
 _digest_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -50,7 +52,10 @@ def file_digest(path: Path) -> str:
             known = {}
         if key in known:
             return known[key]
+        log.info("computing the sha256 of %s (once per file version; large models take a while)", path.name)
         value = sha256_file(path)
+        # Forget digests of older versions of this file.
+        known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")}
         known[key] = value
         atomic_write_text(index, json.dumps(known, indent=1, sort_keys=True))
         return value

@@ -96,7 +96,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm", description="Run a GGUF model cut into layer-range shards.")
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="info (default) reports slow first-time steps; debug adds llama.cpp's own log")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="cut the model into shards and generate through the chain, streaming")
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     for flag, value, low in (("--max-tokens", getattr(args, "max_tokens", 0), 0), ("--ctx", getattr(args, "ctx", 1), 1),
                              ("--threads", getattr(args, "threads", None) or 1, 1),
                              ("--shards", getattr(args, "shards", 1), 1)):

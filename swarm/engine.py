@@ -49,7 +49,7 @@ def _llama():
         def _on_log(level, text, _user):  # called from llama.cpp threads
             msg = text.decode("utf-8", errors="replace").rstrip()
             if msg:  # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
-                _llama_log.log({3: logging.INFO, 4: logging.WARNING}.get(level, logging.DEBUG), msg)
+                _llama_log.log(logging.WARNING if level == 4 else logging.DEBUG, msg)
 
         llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
