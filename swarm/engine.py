@@ -185,6 +185,7 @@ class Shard:
         self.n_ctx = n_ctx
         self.n_batch = min(n_batch, n_ctx)
         self.max_sessions = max_sessions
+        self.flash_attn = bool(flash_attn)
         self._lock = threading.RLock()
         self._llama = llama_cpp = _llama()
         self._model = _load_model(self.path, vocab_only=False)
@@ -358,6 +359,8 @@ class Shard:
                 raise BadInputError(
                     f"hidden states must have shape (n, {self.n_embd}) for this model, got {arr.shape}"
                 )
+            if not np.isfinite(arr).all():
+                raise BadInputError("hidden states contain NaN or infinity; the shard before this one went wrong")
         n = arr.shape[0]
         if n == 0:
             raise BadInputError("a batch needs at least one position")
@@ -393,6 +396,9 @@ class Shard:
                     "shard_id": self.info.shard_id,
                     "layers": [self.layers.start, self.layers.end],
                     "n_past": s.n_past,
+                    "n_ctx": self.n_ctx,
+                    "max_sessions": self.max_sessions,
+                    "flash_attn": self.flash_attn,
                     "sha256": hashlib.sha256(payload).hexdigest(),
                 },
                 sort_keys=True,
@@ -409,6 +415,14 @@ class Shard:
                 f"this shard holds layers {self.layers} (id {self.info.shard_id[:12]}). Send it to the node "
                 "that loaded the same shard file"
             )
+        # llama.cpp's sequence state depends on the KV layout: one stream per session slot, and the
+        # V cache is transposed unless flash attention is on.
+        for key, mine in (("max_sessions", self.max_sessions), ("flash_attn", self.flash_attn)):
+            if head.get(key) != mine:
+                raise KVStateError(
+                    f"this KV state comes from a shard loaded with {key}={head.get(key)}, this one has "
+                    f"{key}={mine}; load the receiving shard with the same {key}"
+                )
         n_past = head.get("n_past")
         if not isinstance(n_past, int) or not 0 <= n_past <= self.n_ctx:
             raise KVStateError(f"KV state holds {n_past} positions but this shard's context holds {self.n_ctx}")
@@ -422,7 +436,10 @@ class Shard:
                 buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
                 if self._llama.llama_state_seq_set_data(self._ctx, buf, len(payload), s.seq) == 0:
                     self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
-                    raise KVStateError("llama.cpp refused the KV state; was the shard loaded with other settings?")
+                    raise KVStateError(
+                        f"llama.cpp refused the KV state (exported from a context of n_ctx={head.get('n_ctx')}, this "
+                        f"shard has n_ctx={self.n_ctx}); load the shard with the settings of the one that exported it"
+                    )
             s.n_past = n_past
 
     # ------------------------------------------------------------ lifetime

@@ -126,6 +126,10 @@ def test_hidden_states_of_wrong_dtype(middle):
         middle.forward("a", np.zeros((2, 640), np.float64))
     with pytest.raises(BadInputError, match="float32 numpy array"):
         middle.forward("a", [[0.0] * 640])
+    poisoned = np.zeros((2, 640), np.float32)
+    poisoned[1, 7] = np.nan
+    with pytest.raises(BadInputError, match="NaN or infinity"):
+        middle.forward("a", poisoned)
     _still_works(middle)
 
 
@@ -248,3 +252,22 @@ def test_closed_shard_refuses_work(shards):
 def test_impossible_shard_options(shards, option):
     with pytest.raises(BadInputError, match="positive whole number"):
         Shard(shards[1].path, **option)
+
+
+@pytest.mark.parametrize("settings", [{"max_sessions": 1}, {"flash_attn": True}, {"n_ctx": 32}])
+def test_kv_blob_into_a_shard_loaded_with_other_settings(shards, settings):
+    """Same shard file, incompatible KV layout: refused with the setting named, never loaded wrong."""
+    middle = shards[1]
+    middle.open_session("a")
+    try:
+        middle.forward("a", np.zeros((60, 640), np.float32))
+        blob = middle.export_kv("a")
+    finally:
+        middle.drop_session("a")
+    kwargs = {"n_ctx": N_CTX, "max_sessions": 2, **settings}
+    with Shard(middle.path, **kwargs) as other:
+        name = next(iter(settings))
+        with pytest.raises(KVStateError, match=name if name != "n_ctx" else "holds 60 positions but this shard's context holds 32"):
+            other.import_kv("a", blob)
+        assert "a" not in other.sessions() or other.session_length("a") == 0
+        _still_works(other)
