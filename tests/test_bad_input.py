@@ -271,3 +271,12 @@ def test_kv_blob_into_a_shard_loaded_with_other_settings(shards, settings):
             other.import_kv("a", blob)
         assert "a" not in other.sessions() or other.session_length("a") == 0
         _still_works(other)
+
+
+def test_model_whose_tensors_do_not_match_its_architecture(tmp_path):
+    """Valid GGUF, wrong contents (llama tensors labelled gemma3): llama.cpp's refusal becomes a clear error."""
+    from tiny_models import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "mislabelled.gguf", arch="gemma3")
+    with pytest.raises(ModelFileError, match="llama.cpp could not load"):
+        Shard(path)
