@@ -74,3 +74,18 @@ def test_cli_errors_are_clear(args, message):
     done = _cli(*args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_layer_capture_falls_back_to_python_when_compiling_fails(tmp_path, model_path):
+    """A machine whose compiler fails still runs shards, through the Python callback."""
+    import os
+
+    code = (
+        "from swarm.chain import LocalChain; import sys;"
+        f"c = LocalChain({str(model_path)!r}, 2);"
+        "print(c.shards[0]._capture.kind, len(list(c.generate('Hello', 4, stop_at_eog=False))))"
+    )
+    env = {**os.environ, "CC": "/bin/false", "SWARM_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["python", "4"]
