@@ -242,6 +242,8 @@ def slice_model(
 ) -> ShardFile:
     """Write (or reuse) the shard of `model_path` holding `layers`; returns where it is.
 
+    The whole range is the model file itself.
+
     `lookahead` forces the first shard's look-ahead block on or off; None lets the slicer choose.
     """
     model = read_gguf(model_path)
@@ -249,6 +251,8 @@ def slice_model(
     n_layer = model_layer_count(model)
     layers.check_within(n_layer)
     role = layers.role(n_layer)
+    if role == ShardRole.WHOLE:
+        return shard_info(model.path)  # the model itself is the one shard: no copy
     auto = _choose_lookahead(model, layers, role)
     extra = auto if lookahead is None else int(bool(lookahead) and role == ShardRole.FIRST)
     sid = shard_id(cache.file_digest(model.path), layers, n_layer, extra)

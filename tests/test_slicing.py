@@ -80,6 +80,12 @@ def test_same_input_same_bytes_and_content_name(model_path, tmp_path):
     assert other.path.name != a.path.name and other.shard_id != a.shard_id
 
 
+def test_the_whole_range_is_the_model_itself(model_path, tmp_path):
+    whole = slice_model(model_path, LayerRange(0, 18), tmp_path)
+    assert whole.path == model_path.resolve() and whole.role == ShardRole.WHOLE
+    assert not list(tmp_path.iterdir())  # nothing copied
+
+
 def test_range_outside_the_model_is_refused(model_path, tmp_path):
     with pytest.raises(ShardRangeError, match="outside the model, which has 18 layers"):
         slice_model(model_path, LayerRange(12, 19), tmp_path)
