@@ -54,20 +54,25 @@ def _load_native() -> ctypes.CDLL | None:
         return None
     target = cache.subdir("native") / f"capture-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if not target.exists():
-        src = target.with_suffix(".c")
-        src.write_bytes(source)
+        # Per-process names: several processes may build at once; only a checked library is installed.
+        src = target.with_name(f".{target.stem}.{os.getpid()}.c")
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
+            src.write_bytes(source)
             subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
                            capture_output=True, timeout=120)
+            ctypes.CDLL(str(tmp)).swarm_capture_cb  # noqa: B018 - raises if the symbol is missing
             os.replace(tmp, target)
-        except (OSError, subprocess.SubprocessError) as e:
-            log.info("could not compile the C layer-output callback (%s); using the Python one", e)
-            tmp.unlink(missing_ok=True)
+        except (OSError, AttributeError, subprocess.SubprocessError) as e:
+            log.info("could not build the C layer-output callback (%s); using the Python one", e)
             return None
+        finally:
+            src.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
     try:
         lib = ctypes.CDLL(str(target))
-    except OSError as e:
+        lib.swarm_capture_cb  # noqa: B018
+    except (OSError, AttributeError) as e:
         log.info("could not load %s (%s); using the Python layer-output callback", target, e)
         return None
     _native = lib
@@ -122,13 +127,15 @@ class HiddenCapture:
             self._ggml.ggml_backend_tensor_get(tensor, s.out, 0, s.got)
         except Exception:  # an exception must not unwind through C
             log.exception("layer-output callback failed")
-            s.status, s.got = 2, 0
+            s.status, s.got = 2, max(s.got, 1)
         return False
 
     def take(self) -> np.ndarray:
         s = self._state
         if s.got == 0:
             raise EngineError("the shard's graph had no layer-output node to capture; is the architecture supported?")
-        if s.status:
+        if s.status == 1:
             raise EngineError(f"capturing the shard's output failed: the node has {s.got} bytes, expected {s.want}")
+        if s.status:
+            raise EngineError("capturing the shard's output failed inside the callback (see the log)")
         return self._out[: self._n].copy()

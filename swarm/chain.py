@@ -83,9 +83,14 @@ class LocalChain:
         x: object = np.asarray(tokens, dtype=np.int32)
         start = self.shards[0].session_length(sid)
         sent = []
-        for shard in self.shards:
-            sent.append(x)
-            x = shard.forward(sid, x, start)
+        try:
+            for shard in self.shards:
+                sent.append(x)
+                x = shard.forward(sid, x, start)
+        except Exception:
+            for shard in self.shards[: len(sent) - 1]:  # keep every shard at the same position
+                shard.rollback(sid, start)
+            raise
         if trace is not None:
             trace.append(StepTrace(start, tuple(sent)))
         return x  # logits from the final shard
@@ -112,12 +117,13 @@ class LocalChain:
         sid = self.open_session()
         try:
             logits = self.prefill(sid, tokens)
-            for _ in range(max_tokens):
+            for i in range(max_tokens):
                 token = sampler.sample(logits)
                 if stop_at_eog and self.tokenizer.is_eog(token):
                     return
                 yield token
-                logits = self.step(sid, [token])
+                if i + 1 < max_tokens:  # no step for a token that will not be followed
+                    logits = self.step(sid, [token])
         finally:
             self.drop_session(sid)
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     for flag, value, low in (("--max-tokens", getattr(args, "max_tokens", 0), 0), ("--ctx", getattr(args, "ctx", 1), 1),
-                             ("--threads", getattr(args, "threads", None) or 1, 1),
+                             ("--threads", 1 if getattr(args, "threads", None) is None else args.threads, 1),
                              ("--shards", getattr(args, "shards", 1), 1)):
         if value < low:
             print(f"error: {flag} must be at least {low}", file=sys.stderr)

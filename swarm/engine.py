@@ -153,7 +153,8 @@ class _Session:
     n_past: int = 0
 
 
-_KV_MAGIC = b"SWARMKV1"
+_KV_MAGIC = b"SWARMKV2"
+_MAX_CTX = 1 << 24  # llama.cpp's context fields are 32-bit; this is far beyond any model's context
 
 
 class Shard:
@@ -178,6 +179,11 @@ class Shard:
                             ("n_threads_batch", 1 if n_threads_batch is None else n_threads_batch)):
             if not isinstance(value, int) or value < 1:
                 raise BadInputError(f"{name} must be a positive whole number, got {value!r}")
+        if n_ctx * max_sessions > _MAX_CTX or (n_threads or 1) > 1024 or (n_threads_batch or 1) > 1024:
+            raise BadInputError(
+                f"n_ctx x max_sessions must be at most {_MAX_CTX} and threads at most 1024 "
+                f"(got n_ctx={n_ctx}, max_sessions={max_sessions})"
+            )
         self.info: ShardFile = shard_info(path)  # validates the file before llama.cpp sees it
         self.path = self.info.path
         self.layers: LayerRange = self.info.layers
@@ -218,6 +224,7 @@ class Shard:
         self._ctx = llama_cpp.llama_init_from_model(self._model, p)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
+            self._model = None
             raise EngineError(f"llama.cpp could not create a context for {self.path.name} (n_ctx={p.n_ctx}); out of memory?")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0 if self.role.takes_tokens else self.n_embd, 1)
@@ -305,16 +312,12 @@ class Shard:
             seq_ids = self._batch.seq_id
             for i in range(n):
                 seq_ids[i][0] = s.seq
-            if self.role.gives_logits:
-                self._b_logits[:n] = 0
-                self._b_logits[n - 1] = 1
-            elif self.info.lookahead:
-                # The row selection for outputs happens in the look-ahead block, which never runs.
-                self._b_logits[:n] = 0
-                self._b_logits[n - 1] = 1
-                self._capture.arm(n)
-            else:
-                self._b_logits[:n] = 1  # llama.cpp computes a shard's last layer only for output rows
+            # llama.cpp computes a model's last block only for output rows. A non-final shard needs all
+            # rows of its last layer, unless it carries a look-ahead block that takes that selection.
+            only_last = self.role.gives_logits or self.info.lookahead > 0
+            self._b_logits[:n] = 0 if only_last else 1
+            self._b_logits[n - 1] = 1
+            if self._capture is not None:
                 self._capture.arm(n)
             self._batch.n_tokens = n
             rc = self._llama.llama_decode(self._ctx, self._batch)
@@ -371,6 +374,15 @@ class Shard:
             )
         return arr
 
+    def rollback(self, session: str, length: int) -> None:
+        """Forget a session's positions from `length` on (undo steps that a later shard failed)."""
+        with self._lock:
+            s = self._get(session)
+            if not 0 <= length <= s.n_past:
+                raise BadInputError(f"cannot roll session {session!r} back to {length}; it holds {s.n_past} positions")
+            self._llama.llama_memory_seq_rm(self._mem, s.seq, length, -1)
+            s.n_past = length
+
     def replay(self, session: str, steps: Iterable[tuple[int, object]]) -> None:
         """Rebuild a session's KV cache by running its recorded (start, inputs) steps again, in order.
 
@@ -390,28 +402,26 @@ class Shard:
             got = self._llama.llama_state_seq_get_data(self._ctx, buf, size, s.seq)
             if got == 0 and s.n_past:
                 raise EngineError(f"llama.cpp could not export the KV state of session {session!r}")
-            payload = bytes(buf)[:got]
-            header = json.dumps(
-                {
-                    "shard_id": self.info.shard_id,
-                    "layers": [self.layers.start, self.layers.end],
-                    "n_past": s.n_past,
-                    "n_ctx": self.n_ctx,
-                    "max_sessions": self.max_sessions,
-                    "flash_attn": self.flash_attn,
-                    "sha256": hashlib.sha256(payload).hexdigest(),
-                },
-                sort_keys=True,
-            ).encode()
+            payload = ctypes.string_at(buf, got)
+            head = {
+                "shard_id": self.info.shard_id,
+                "layers": [self.layers.start, self.layers.end],
+                "n_past": s.n_past,
+                "n_ctx": self.n_ctx,
+                "max_sessions": self.max_sessions,
+                "flash_attn": self.flash_attn,
+            }
+            head["sha256"] = _kv_digest(head, payload)
+            header = json.dumps(head, sort_keys=True).encode()
             return _KV_MAGIC + struct.pack("<I", len(header)) + header + payload
 
     def import_kv(self, session: str, blob: bytes) -> None:
         """Load a blob from `export_kv` into `session` (opened if needed), replacing its KV cache."""
         head, payload = _parse_kv_blob(blob)
-        if head.get("shard_id") != self.info.shard_id:
-            a, b = head.get("layers", ["?", "?"])
+        if head["shard_id"] != self.info.shard_id:
+            a, b = head["layers"]
             raise KVStateError(
-                f"this KV state belongs to another shard (layers {a}:{b}, id {str(head.get('shard_id'))[:12]}); "
+                f"this KV state belongs to another shard (layers {a}:{b}, id {head['shard_id'][:12]}); "
                 f"this shard holds layers {self.layers} (id {self.info.shard_id[:12]}). Send it to the node "
                 "that loaded the same shard file"
             )
@@ -423,8 +433,8 @@ class Shard:
                     f"this KV state comes from a shard loaded with {key}={head.get(key)}, this one has "
                     f"{key}={mine}; load the receiving shard with the same {key}"
                 )
-        n_past = head.get("n_past")
-        if not isinstance(n_past, int) or not 0 <= n_past <= self.n_ctx:
+        n_past = head["n_past"]
+        if not 0 <= n_past <= self.n_ctx:
             raise KVStateError(f"KV state holds {n_past} positions but this shard's context holds {self.n_ctx}")
         with self._lock:
             if session not in self._sessions:
@@ -440,6 +450,10 @@ class Shard:
                         f"llama.cpp refused the KV state (exported from a context of n_ctx={head.get('n_ctx')}, this "
                         f"shard has n_ctx={self.n_ctx}); load the shard with the settings of the one that exported it"
                     )
+            held = self._llama.llama_memory_seq_pos_max(self._mem, s.seq) + 1
+            if held != n_past:
+                self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+                raise KVStateError(f"KV state says {n_past} positions but holds {held}; it is inconsistent")
             s.n_past = n_past
 
     # ------------------------------------------------------------ lifetime
@@ -480,6 +494,15 @@ def _parse_kv_blob(blob: bytes) -> tuple[dict, bytes]:
     except ValueError:
         raise KVStateError("KV state header is damaged") from None
     payload = blob[start + hlen:]
-    if not isinstance(head, dict) or hashlib.sha256(payload).hexdigest() != head.get("sha256"):
+    if not isinstance(head, dict) or _kv_digest(head, payload) != head.get("sha256"):
         raise KVStateError("KV state is damaged or truncated (checksum mismatch); export it again")
+    types = {"shard_id": str, "layers": list, "n_past": int, "n_ctx": int, "max_sessions": int, "flash_attn": bool}
+    if any(type(head.get(k)) is not t for k, t in types.items()) or len(head["layers"]) != 2:
+        raise KVStateError("KV state header is malformed; export it again with this version")
     return head, payload
+
+
+def _kv_digest(head: dict, payload: bytes) -> str:
+    """sha256 over the header (without its digest) and the payload."""
+    meta = json.dumps({k: v for k, v in head.items() if k != "sha256"}, sort_keys=True).encode()
+    return hashlib.sha256(struct.pack("<Q", len(meta)) + meta + payload).hexdigest()

@@ -138,6 +138,8 @@ class _Cursor:
             return self.string(), None
         if vtype == GGUFValueType.ARRAY:
             item = _value_type(self.unpack("<I"), self.path)
+            if item == GGUFValueType.ARRAY:
+                raise ModelFileError(f"{self.path} is corrupt or unsupported: it nests arrays in its metadata")
             count = self.unpack("<Q")
             if count > len(self.buf):
                 raise ModelFileError(f"{self.path} is corrupt: an array claims {count} items")
@@ -178,8 +180,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
 def _read_cached(path: Path, _size: int, _mtime_ns: int) -> GGUFFile:
     try:
         f = open(path, "rb")
-    except FileNotFoundError:
-        raise ModelFileError(f"model file {path} does not exist") from None
     except OSError as e:
         raise ModelFileError(f"cannot open model file {path}: {e.strerror}") from None
     with f:
@@ -228,8 +228,8 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
             raise ModelFileError(f"{path} is corrupt: tensor {name!r} rows are not whole blocks")
         tensors.append(TensorInfo(name, shape, gtype, offset, n_el // block * tsize))
 
-    alignment = int(kvs["general.alignment"].value) if "general.alignment" in kvs else DEFAULT_ALIGNMENT
-    if alignment <= 0 or alignment & (alignment - 1):
+    alignment = kvs["general.alignment"].value if "general.alignment" in kvs else DEFAULT_ALIGNMENT
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
         raise ModelFileError(f"{path} is corrupt: general.alignment {alignment} is not a power of two")
     data_start = _align(cur.pos, alignment)
     for t in tensors:

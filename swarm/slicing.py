@@ -82,16 +82,21 @@ class ShardFile:
     lookahead: int = 0  # extra blocks stored after the range, never computed (see module docstring)
 
 
+def _meta_int(model: GGUFFile, key: str, default: int | None = None) -> int:
+    value = model.get(key, default)
+    if type(value) is not int:
+        raise ModelFileError(f"{model.path.name}: metadata {key} should be a whole number, found {value!r}")
+    return value
+
+
 def model_layer_count(model: GGUFFile) -> int:
     """Total transformer blocks of a model (or of the original model, for a shard)."""
-    total = model.get(META_PREFIX + "n_layer_total")
-    if total is not None:
-        return int(total)
-    arch = model.arch
-    n = model.get(f"{arch}.block_count")
-    if n is None:
-        raise ModelFileError(f"{model.path} has no {arch}.block_count; is it a language model GGUF?")
-    return int(n)
+    if META_PREFIX + "n_layer_total" in model.kvs:
+        return _meta_int(model, META_PREFIX + "n_layer_total")
+    key = f"{model.arch}.block_count"
+    if key not in model.kvs:
+        raise ModelFileError(f"{model.path} has no {key}; is it a language model GGUF?")
+    return _meta_int(model, key)
 
 
 def check_supported(model: GGUFFile) -> ArchRules:
@@ -224,6 +229,25 @@ def _tensors(model: GGUFFile, layers: LayerRange, role: ShardRole, lookahead: in
     return others + [b[2] for b in blocks]
 
 
+def _check_count_derived_params(model: GGUFFile, n_layer: int, shard_blocks: int) -> None:
+    """Refuse a cut that would change what llama.cpp derives from a model's layer count.
+
+    Gemma 3: llama.cpp takes a 62-block model for the 27B, whose attention scale is
+    1/sqrt(n_embd/n_head) instead of 1/sqrt(head size); no metadata key can override it.
+    """
+    if model.arch != "gemma3":
+        return
+    n_embd = _meta_int(model, "gemma3.embedding_length")
+    n_head = _meta_int(model, "gemma3.attention.head_count")
+    head = _meta_int(model, "gemma3.attention.key_length", n_embd // n_head)
+    if (n_layer == 62) != (shard_blocks == 62) and n_embd // n_head != head:
+        raise UnsupportedModelError(
+            f"cannot cut {model.path.name} into a shard of {shard_blocks} blocks: llama.cpp picks Gemma 3's "
+            "attention scale from the layer count (62 means 27B), so the shard would compute differently. "
+            "Choose ranges so that no shard of this model changes that (for the 27B: run it whole)"
+        )
+
+
 def _choose_lookahead(model: GGUFFile, layers: LayerRange, role: ShardRole) -> int:
     """1 if a first shard is cheaper with a look-ahead block than with a full batch of logits."""
     if role != ShardRole.FIRST:
@@ -255,6 +279,7 @@ def slice_model(
         return shard_info(model.path)  # the model itself is the one shard: no copy
     auto = _choose_lookahead(model, layers, role)
     extra = auto if lookahead is None else int(bool(lookahead) and role == ShardRole.FIRST)
+    _check_count_derived_params(model, n_layer, layers.count + extra)
     sid = shard_id(cache.file_digest(model.path), layers, n_layer, extra)
     out_dir = Path(out_dir) if out_dir is not None else cache.subdir("shards")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -279,10 +304,10 @@ def shard_info(path: str | os.PathLike) -> ShardFile:
     model = read_gguf(path)
     n_layer = model_layer_count(model)
     if META_PREFIX + "layer_start" in model.kvs:
-        layers = LayerRange(int(model.get(META_PREFIX + "layer_start")), int(model.get(META_PREFIX + "layer_end")))
+        layers = LayerRange(_meta_int(model, META_PREFIX + "layer_start"), _meta_int(model, META_PREFIX + "layer_end"))
         return ShardFile(
             model.path, layers, n_layer, layers.role(n_layer), str(model.get(META_PREFIX + "id")),
-            int(model.get(META_PREFIX + "lookahead", 0)),
+            _meta_int(model, META_PREFIX + "lookahead", 0),
         )
     layers = LayerRange(0, n_layer)
     return ShardFile(model.path, layers, n_layer, ShardRole.WHOLE, cache.file_digest(model.path))
