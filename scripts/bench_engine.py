@@ -47,9 +47,10 @@ def measure(config: str, model: str, threads: int, n_decode: int) -> dict:
         t0 = time.perf_counter()
         llm.eval(tokens)
         t1 = time.perf_counter()
-        # Decode with the library's own loop (sample greedily, feed one token per step).
+        # Decode with the library's own loop (sample greedily, feed one token per step). generate()
+        # finds the evaluated prompt in its cache and starts sampling at position len(tokens).
         n = 0
-        for _ in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=False):
+        for _ in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
             n += 1
             if n == 1:
                 t2 = time.perf_counter()

@@ -14,7 +14,9 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Sequence
+
+import numpy as np
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
@@ -114,10 +116,12 @@ class _Cursor:
             # Some vocabularies hold invalid UTF-8 pieces; keep them readable, the raw bytes are kept anyway.
             return raw.decode("utf-8", errors="surrogateescape")
 
-    def _strings(self, count: int) -> list[str]:
-        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+    def _strings(self, count: int) -> "StringArray":
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        first = pos
+        starts = np.empty(count, dtype=np.int64)
         unpack_len = struct.Struct("<Q").unpack_from
-        for _ in range(count):
+        for i in range(count):
             if pos + 8 > end:
                 self.pos = pos
                 self.take(8)  # raises the truncation error
@@ -126,10 +130,10 @@ class _Cursor:
             if pos + n > end:
                 self.pos = pos
                 self.take(n)
-            out.append(buf[pos:pos + n].decode("utf-8", errors="surrogateescape"))
+            starts[i] = pos - first
             pos += n
         self.pos = pos
-        return out
+        return StringArray(bytes(buf[first:pos]), starts)
 
     def value(self, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | None]:
         if vtype in _SCALAR:
@@ -152,6 +156,27 @@ class _Cursor:
                 return self._strings(count), item
             return [self.value(item)[0] for _ in range(count)], item
         raise ModelFileError(f"{self.path} is corrupt: unknown metadata value type {vtype}")
+
+
+class StringArray(Sequence):
+    """A metadata string array kept in its encoded form; items are decoded when read.
+
+    Vocabularies hold hundreds of thousands of strings; as Python objects they would cost tens of
+    megabytes per parsed header.
+    """
+
+    def __init__(self, raw: bytes, starts: np.ndarray):
+        self._raw, self._starts = raw, starts
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        start = int(self._starts[i])
+        (n,) = struct.unpack_from("<Q", self._raw, start - 8)
+        return self._raw[start:start + n].decode("utf-8", errors="surrogateescape")
 
 
 def _value_type(code: int, path: Path) -> GGUFValueType:

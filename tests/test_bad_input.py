@@ -280,3 +280,100 @@ def test_model_whose_tensors_do_not_match_its_architecture(tmp_path):
     path = write_tiny_llama(tmp_path / "mislabelled.gguf", arch="gemma3")
     with pytest.raises(ModelFileError, match="llama.cpp could not load"):
         Shard(path)
+
+
+def test_kv_header_tampering_is_detected(first):
+    """Editing the header (say, the position count) breaks the checksum: never a confused cache."""
+    import json
+    import struct
+
+    first.open_session("a")
+    first.forward("a", [2, 651, 6037])
+    blob = first.export_kv("a")
+    first.drop_session("a")
+    magic, (hlen,) = blob[:8], struct.unpack_from("<I", blob, 8)
+    head = json.loads(blob[12:12 + hlen])
+    head["n_past"] = 2
+    forged = json.dumps(head, sort_keys=True).encode()
+    tampered = magic + struct.pack("<I", len(forged)) + forged + blob[12 + hlen:]
+    with pytest.raises(KVStateError, match="checksum"):
+        first.import_kv("b", tampered)
+    assert "b" not in first.sessions()
+
+
+def test_kv_imports_into_a_larger_context(shards):
+    middle = shards[1]
+    middle.open_session("a")
+    try:
+        middle.forward("a", np.ones((20, 640), np.float32))
+        blob = middle.export_kv("a")
+        expected = middle.forward("a", np.ones((1, 640), np.float32))
+    finally:
+        middle.drop_session("a")
+    with Shard(middle.path, n_ctx=2 * N_CTX, max_sessions=2) as bigger:
+        bigger.import_kv("a", blob)
+        assert bigger.session_length("a") == 20
+        assert np.array_equal(bigger.forward("a", np.ones((1, 640), np.float32)), expected)
+
+
+def test_sizes_beyond_llama_cpp_fields_are_refused(shards):
+    with pytest.raises(BadInputError, match="at most"):
+        Shard(shards[1].path, n_ctx=2**32 + 64, n_batch=2**32 + 64)
+    with pytest.raises(BadInputError, match="at most"):
+        Shard(shards[1].path, n_ctx=1 << 20, max_sessions=64)
+
+
+def test_chain_stays_in_step_when_a_later_shard_refuses(model_path):
+    """A failure in shard k rolls back the shards before it, so the session can go on."""
+    with LocalChain(model_path, 3, n_ctx=64, n_batch=64) as chain:
+        sid = chain.open_session()
+        chain.step(sid, [2, 651, 6037])
+        last = chain.shards[-1]
+        last.rollback(sid, 2)  # make the last shard refuse the next step (positions no longer line up)
+        with pytest.raises(BadInputError, match="positions must continue"):
+            chain.step(sid, [10])
+        assert [s.session_length(sid) for s in chain.shards] == [3, 3, 2]
+        last.rollback(sid, 2)
+        for s in chain.shards[:-1]:
+            s.rollback(sid, 2)
+        assert np.isfinite(chain.step(sid, [6037])).all()
+        assert {s.session_length(sid) for s in chain.shards} == {3}
+
+
+def _gguf_with(tmp_path, name, kvs):
+    import gguf
+
+    path = tmp_path / name
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, vtype, sub) in kvs.items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
+def test_mistyped_or_nested_metadata(tmp_path):
+    from gguf.constants import GGUFValueType as T
+
+    from swarm.gguf_file import read_gguf
+
+    bad_align = _gguf_with(tmp_path, "align.gguf", {"general.alignment": ("32", T.STRING, None)})
+    with pytest.raises(ModelFileError, match="alignment"):
+        read_gguf(bad_align)
+    bad_count = _gguf_with(tmp_path, "count.gguf", {"llama.block_count": ("four", T.STRING, None)})
+    with pytest.raises(ModelFileError, match="should be a whole number"):
+        Shard(bad_count)
+    # A nested array: write one by hand (gguf-py will not), an array whose items are arrays.
+    nested = tmp_path / "nested.gguf"
+    key = b"llama.nested"
+    body = struct_pack_kv(key)
+    nested.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little") + body)
+    with pytest.raises(ModelFileError, match="nests arrays"):
+        read_gguf(nested)
+
+
+def struct_pack_kv(key: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 4, 1) + struct.pack("<I", 7)

@@ -76,7 +76,9 @@ def test_python_and_c_layer_capture_agree(model_path, reference, monkeypatch):
     tokens, expected, _ = reference.run(PROMPTS[2])
     with LocalChain(model_path, 3, n_ctx=N_CTX) as chain:
         kinds = {s._capture.kind for s in chain.shards[:-1]}
-        assert kinds == ({"c"} if shutil.which("cc") else {"python"})
+        if shutil.which("cc"):  # CI and development machines have one: the fast path must be in use
+            assert kinds == {"c"}
+        assert list(chain.generate(tokens, max_tokens=N_TOKENS)) == expected
     monkeypatch.setattr(_capture, "_native", False)
     with LocalChain(model_path, 3, n_ctx=N_CTX) as chain:
         assert {s._capture.kind for s in chain.shards[:-1]} == {"python"}

@@ -147,3 +147,20 @@ def test_a_shard_cannot_be_sliced_again(tiny_llama, tmp_path):
     shard = slice_model(tiny_llama, LayerRange(0, 2), tmp_path)
     with pytest.raises(UnsupportedModelError, match="already a shard"):
         slice_model(shard.path, LayerRange(0, 1), tmp_path)
+
+
+def test_gemma3_27b_count_derived_attention_scale_is_refused(tmp_path):
+    """llama.cpp treats a 62-block Gemma 3 as the 27B and scales attention differently: no shard may change that."""
+    import gguf
+
+    path = tmp_path / "gemma3-62.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_block_count(62)
+    w.add_embedding_length(5376)
+    w.add_head_count(32)
+    w.add_key_length(128)  # 5376 / 32 = 168 != 128: the 27B's scale differs from other sizes'
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="attention scale"):
+        slice_model(path, LayerRange(0, 31), tmp_path)
