@@ -7,7 +7,6 @@ This is the swarm's compute path without the network: the same shards, the same 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from .sampling import SamplingParams, Sampler
 from .slicing import model_layer_count, slice_model
 from .gguf_file import read_gguf
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

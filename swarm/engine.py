@@ -213,6 +213,9 @@ class Shard:
         )
         p.embeddings = False
         p.no_perf = True
+        # llama.cpp computes a model's last block only for output rows. A non-final shard needs all
+        # rows of its last layer, unless it carries a look-ahead block that takes that selection.
+        self._only_last_output = self.role.gives_logits or self.info.lookahead > 0
         self._capture = None
         if not self.role.gives_logits:
             self._capture = HiddenCapture(
@@ -312,10 +315,7 @@ class Shard:
             seq_ids = self._batch.seq_id
             for i in range(n):
                 seq_ids[i][0] = s.seq
-            # llama.cpp computes a model's last block only for output rows. A non-final shard needs all
-            # rows of its last layer, unless it carries a look-ahead block that takes that selection.
-            only_last = self.role.gives_logits or self.info.lookahead > 0
-            self._b_logits[:n] = 0 if only_last else 1
+            self._b_logits[:n] = 0 if self._only_last_output else 1
             self._b_logits[n - 1] = 1
             if self._capture is not None:
                 self._capture.arm(n)
