@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -65,3 +66,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def key_file(swarm: str) -> Path:
+    """Where a coordinator on this machine leaves its address and key for local clients (mode 0600)."""
+    return subdir("swarms") / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', swarm)}.json"
+
+
+def local_key(swarm: str) -> str | None:
+    """The key of a coordinator of `swarm` started on this machine by this user, if any."""
+    try:
+        return json.loads(key_file(swarm).read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -23,6 +23,21 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="default", help="a GGUF path, or `default` for Gemma 3 270M (default)")
 
 
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .chain import LocalChain
     from .models import resolve_model
@@ -30,10 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     ranges = _ranges(args.split) if args.split else args.shards
-    sampling = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty, seed=args.seed,
-    )
+    sampling = SamplingParams(**_sampling_options(args))
     with LocalChain(model, ranges, n_ctx=args.ctx, n_threads=args.threads) as chain:
         layout = ", ".join(f"{s.layers} ({s.role.value}, {s.path.stat().st_size / 1e6:.0f} MB)" for s in chain.shards)
         print(f"model {model.name} cut into {len(chain.shards)} shards: {layout}", file=sys.stderr)
@@ -93,26 +105,245 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- the swarm
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", "-c", help="HOST:PORT of the coordinator (default: find it by mDNS)")
+    p.add_argument("--key", help="the swarm key (default: $SWARM_KEY, or the key of a coordinator on this machine)")
+    p.add_argument("--swarm", default="default", help="the swarm's name, to find it by mDNS (default: default)")
+    p.add_argument("--mdns-interface", default=None,
+                   help="address of the interface to use for mDNS, `all` (default for clients) or `off`")
+
+
+def _client(args: argparse.Namespace):
+    from .client import SwarmClient
+
+    return SwarmClient(args.coordinator, key=args.key, swarm=args.swarm, mdns_interface=args.mdns_interface)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import socket
+    import threading
+
+    from . import join
+    from .cache import local_key
+    from .models import resolve_model
+
+    pin = LayerRange.parse(args.layers) if args.layers else None
+    max_memory = join.parse_size(args.max_memory) if args.max_memory else 0
+    key = args.key or os.environ.get("SWARM_KEY")
+    name = args.name or socket.gethostname()
+    stop = threading.Event()
+    interrupts = []
+
+    def on_signal(signum, _frame):
+        interrupts.append(signum)
+        if len(interrupts) > 1:
+            os._exit(130)  # a second Ctrl-C leaves at once
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if args.model:
+        running = join.start_coordinator(
+            resolve_model(args.model), swarm=args.swarm, key=key, name=name, host=args.host,
+            port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
+            threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
+        )
+        print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
+              file=sys.stderr)
+        print("on each other machine, run:", file=sys.stderr)
+        print(f"  swarm join --coordinator {running.address} --key {running.key}", file=sys.stderr)
+        if running.advertiser is not None:
+            print(f"  (or on this network: swarm join --swarm {args.swarm} --key {running.key})", file=sys.stderr)
+        print("and chat with `swarm chat` here; Ctrl-C stops the swarm", file=sys.stderr)
+        sys.stderr.flush()
+        stop.wait()
+        running.stop()
+        return 0
+    key = key or local_key(args.swarm)
+    if not key:
+        raise BadInputError("a node needs the swarm key: pass --key KEY (the coordinator printed it) or set SWARM_KEY")
+    node = join.start_node(
+        coordinator=args.coordinator, swarm=args.swarm, key=key, name=name, host=args.host,
+        port=args.port or 0, max_memory=max_memory, pin=pin, threads=args.threads, mdns_interface=args.mdns_interface,
+    )
+    print(f"node {name} serving on port {node.port}; looking for the coordinator of swarm {args.swarm!r}"
+          + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)
+    sys.stderr.flush()
+    while not stop.wait(0.5):
+        if node.wait(0):
+            node.stop()
+            return 1  # refused for good (wrong key, bad pin): the log said why
+    node.stop()
+    return 0
+
+
+def _stream(gen, args: argparse.Namespace) -> None:
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    r = gen.result
+    if getattr(args, "stats", False):
+        print(f"prompt {r.prompt_tokens} tokens, first token after {r.first_token_ms:.0f} ms, {len(r.tokens)} tokens, "
+              f"decode {r.tokens_per_s:.1f} tokens/s ({r.finish_reason})", file=sys.stderr)
+
+
+def _client_options(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, stop=args.stop or [], **_sampling_options(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _stream(client.generate(args.text, **_client_options(args)), args)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _chat(client, args)
+
+
+def _chat(client, args: argparse.Namespace) -> int:
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:
+        _stream(client.chat(history + [{"role": "user", "content": args.prompt}], **_client_options(args)), args)
+        return 0
+    print("chat with the swarm; /reset forgets the conversation, /quit (or Ctrl-D) leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print("", file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print("commands: /reset, /quit", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        gen = client.chat(history, **_client_options(args))
+        try:
+            _stream(gen, args)
+        except KeyboardInterrupt:
+            gen.cancel()
+            print("\n(interrupted)", file=sys.stderr)
+        history.append({"role": "assistant", "content": gen.result.text})
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"swarm {status['swarm']!r}: {status['state']} - {status['detail']}")
+    print(f"model {status['model_name']} ({status['n_layer']} layers), context {status['n_ctx']} x "
+          f"{status['max_sessions']} sessions")
+    print(f"{'node':<16} {'address':<22} {'layers':<8} {'state':<8} {'memory free/total':>18} {'cap':>8} {'threads':>7}")
+    for n in sorted(status["nodes"], key=lambda n: (n["layers"]["start"] if n["has_layers"] else 1 << 30)):
+        r = n["resources"]
+        layers = f"{n['layers']['start']}:{n['layers']['end']}" if n["has_layers"] else "-"
+        layers += "*" if n["pinned"] else ""
+        cap = f"{int(r['max_memory']) >> 20} MB" if int(r["max_memory"]) else "-"
+        name = n["name"] + (" (c)" if n["is_coordinator"] else "")
+        print(f"{name:<16} {n['address']:<22} {layers:<8} {n['state']:<8} "
+              f"{int(r['memory_available']) >> 20:>8}/{int(r['memory_total']) >> 20:<6} MB {cap:>8} {r['threads']:>7}")
+    print("(c) coordinator, * pinned with --layers")
+    for s in status["sessions"]:
+        print(f"session {s['session_id']}: {s['positions']} positions, {s['generated']} generated, {s['age_s']:.0f} s")
+    if not status["sessions"]:
+        print("no sessions running")
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from .local import LocalSwarm
+    from .models import resolve_model
+
+    model = resolve_model(args.model)
+    print(f"starting a local swarm: a coordinator and {args.nodes - 1} more node(s) on this machine ...", file=sys.stderr)
+    with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx) as swarm:
+        status = swarm.client.status()
+        print("layer map: " + ", ".join(
+            f"{n['layers']['start']}:{n['layers']['end']} on {n['name']}" for n in sorted(
+                (n for n in status["nodes"] if n["has_layers"]), key=lambda n: n["layers"]["start"])),
+            file=sys.stderr)
+        print(f"node logs: {swarm.log_dir}", file=sys.stderr)
+        return _chat(swarm.client, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarm", description="Run a GGUF model cut into layer-range shards.")
+    parser = argparse.ArgumentParser(prog="swarm", description="Pool several machines to run one GGUF model.")
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="info (default) reports slow first-time steps; debug adds llama.cpp's own log")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="default: info for `swarm join`, warning otherwise; debug adds llama.cpp's own log")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="cut the model into shards and generate through the chain, streaming")
+    join = sub.add_parser("join", help="start a node on this machine (with --model: the coordinator)")
+    join.add_argument("--model", "-m", default=None,
+                      help="a GGUF path, or `default` for Gemma 3 270M: this node becomes the coordinator")
+    join.add_argument("--coordinator", "-c", help="HOST:PORT of the coordinator where mDNS cannot reach it")
+    join.add_argument("--key", help="the swarm key (default: $SWARM_KEY; a coordinator makes one if none is given)")
+    join.add_argument("--swarm", default="default", help="the swarm's name on mDNS (default: default)")
+    join.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
+    join.add_argument("--port", type=int, default=None, help="port (coordinator default 7700; nodes: any free port)")
+    join.add_argument("--name", default=None, help="this node's name (default: the host name)")
+    join.add_argument("--max-memory", default=None, help="the most memory this node gives the swarm, e.g. 4GB")
+    join.add_argument("--layers", default=None, help="pin this node's layers by hand, START:END (e.g. 0:6)")
+    join.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the physical cores)")
+    join.add_argument("--ctx", type=int, default=2048, help="context length per session (coordinator; default 2048)")
+    join.add_argument("--max-sessions", type=int, default=4, help="sessions at once (coordinator; default 4)")
+    join.add_argument("--mdns-interface", default=None,
+                      help="interface address for mDNS, `all` or `off` (default: derived from --host)")
+    join.set_defaults(func=cmd_join)
+
+    gen = sub.add_parser("generate", help="raw completion of a text through the swarm, streamed")
+    gen.add_argument("text")
+    _add_client(gen)
+    _add_sampling(gen, 128)
+    gen.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+    gen.add_argument("--stats", action="store_true", help="print time to first token and decode speed to stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat with the swarm in the terminal (or answer once with -p)")
+    _add_client(chat)
+    _add_chat(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    status = sub.add_parser("status", help="the swarm's nodes, layer map and sessions")
+    _add_client(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    local = sub.add_parser("local", help="start a coordinator and more nodes on this machine, and chat through them")
+    _add_model(local)
+    local.add_argument("--nodes", type=int, default=3, help="processes to split the model over (default 3)")
+    local.add_argument("--threads", type=int, default=None, help="llama.cpp threads per node")
+    local.add_argument("--ctx", type=int, default=2048)
+    _add_chat(local)
+    local.set_defaults(func=cmd_local)
+
+    run = sub.add_parser("run", help="cut the model into shards and generate through them in this one process")
     _add_model(run)
     run.add_argument("-p", "--prompt", default=DEFAULT_PROMPT)
     group = run.add_mutually_exclusive_group()
     group.add_argument("--shards", type=int, default=3, help="cut into this many equal ranges (default 3)")
     group.add_argument("--split", help="explicit ranges, e.g. 0:6,6:12,12:18")
-    run.add_argument("-n", "--max-tokens", type=int, default=64)
-    run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    run.add_argument("--top-k", type=int, default=40)
-    run.add_argument("--top-p", type=float, default=0.95)
-    run.add_argument("--min-p", type=float, default=0.05)
-    run.add_argument("--repeat-penalty", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=None)
+    _add_sampling(run, 64)
     run.add_argument("--ctx", type=int, default=512, help="context length per session (default 512)")
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--stats", action="store_true", help="print time to first token and decode speed to stderr")
@@ -130,14 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--prompt", default=None, help="answer this once and exit (default: interactive)")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _add_sampling(p, 256)
+    p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print time to first token and decode speed to stderr")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
-    for flag, value, low in (("--max-tokens", getattr(args, "max_tokens", 0), 0), ("--ctx", getattr(args, "ctx", 1), 1),
-                             ("--threads", 1 if getattr(args, "threads", None) is None else args.threads, 1),
-                             ("--shards", getattr(args, "shards", 1), 1)):
-        if value < low:
-            print(f"error: {flag} must be at least {low}", file=sys.stderr)
+    level = args.log_level or ("info" if args.command == "join" else "warning")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+                        if args.command == "join" else "%(message)s", datefmt="%H:%M:%S")
+    for flag, low in (("max_tokens", 0), ("ctx", 1), ("threads", 1), ("shards", 1), ("nodes", 1), ("max_sessions", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < low:
+            print(f"error: --{flag.replace('_', '-')} must be at least {low}", file=sys.stderr)
             return 2
     try:
         return args.func(args)

@@ -21,12 +21,14 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from ._capture import HiddenCapture
-from .errors import BadInputError, ContextFullError, EngineError, KVStateError, ModelFileError
+from .errors import (
+    BadInputError, ContextFullError, EngineError, KVStateError, ModelFileError, UnsupportedModelError,
+)
 from .gguf_file import read_gguf
 from .layers import LayerRange, ShardRole
 from .slicing import ShardFile, shard_info
@@ -43,6 +45,12 @@ def _llama():
     with _init_lock:
         if "llama" in _lib_state:
             return _lib_state["llama"]
+        # llama.cpp's CPU backend runs each graph in an OpenMP team whose idle threads spin for a long
+        # while (libgomp's default) before sleeping. Shards of a swarm that share a machine take turns,
+        # and a finished shard's spinning threads slowed the next shard's step by 20-60%. A short spin
+        # keeps the wake-up fast within one process. Read by libgomp when llama_cpp loads it, so only
+        # effective if llama_cpp was not imported before; a user's own setting wins.
+        os.environ.setdefault("GOMP_SPINCOUNT", "2000")
         import llama_cpp
 
         @llama_cpp.llama_log_callback
@@ -90,6 +98,11 @@ def _load_model(path: Path, vocab_only: bool):
     return model
 
 
+# When a GGUF carries no `tokenizer.chat_template` (some conversions drop it, the default model's among
+# them), the architecture's own format, by the name llama.cpp knows it under.
+_FALLBACK_TEMPLATES = {"gemma3": b"gemma", "gemma2": b"gemma", "gemma": b"gemma", "qwen2": b"chatml", "qwen3": b"chatml"}
+
+
 class Tokenizer:
     """The model's own tokenizer, loaded without weights."""
 
@@ -100,6 +113,7 @@ class Tokenizer:
         self._model = _load_model(path, vocab_only=True)
         self._vocab = self._llama.llama_model_get_vocab(self._model)
         self.n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
+        self.arch = read_gguf(path).arch
         if self.n_vocab <= 1:
             raise ModelFileError(f"{path} has no vocabulary (is it a middle shard?); tokenize with the full model")
 
@@ -136,6 +150,39 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         raw = self._llama.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8") if raw else None
+
+    def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
+        """The prompt for (role, content) messages, formatted by the model's own chat template.
+
+        llama.cpp recognises the template stored in the GGUF (Gemma, Llama 3, ChatML, Mistral and more)
+        and formats it natively; the text ends with the assistant's turn opened.
+        """
+        template = self._llama.llama_model_chat_template(self._model, None) or _FALLBACK_TEMPLATES.get(self.arch)
+        if not template:
+            raise UnsupportedModelError(
+                f"this {self.arch} model has no chat template in its GGUF; use raw completion (swarm generate)"
+            )
+        for role, content in messages:
+            if role not in ("system", "user", "assistant"):
+                raise BadInputError(f"a chat message's role is system, user or assistant, not {role!r}")
+            if "\x00" in content:
+                raise BadInputError("a chat message cannot contain NUL characters")
+        encoded = [(r.encode(), c.encode("utf-8")) for r, c in messages]
+        chat = (self._llama.llama_chat_message * max(1, len(encoded)))()
+        for i, (r, c) in enumerate(encoded):
+            chat[i].role, chat[i].content = r, c
+        need = 2 * sum(len(c) + 16 for _, c in encoded) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(need)
+            n = self._llama.llama_chat_apply_template(template, chat, len(encoded), True, buf, need)
+            if n < 0:
+                raise UnsupportedModelError(
+                    "llama.cpp does not recognise this model's chat template; use raw completion (swarm generate)"
+                )
+            if n <= need:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            need = n + 1
+        raise EngineError("llama.cpp kept asking for a larger chat buffer")
 
     def close(self) -> None:
         if getattr(self, "_model", None):

@@ -7,7 +7,10 @@
     ├── BadInputError              a request the engine refuses before it reaches llama.cpp
     │   └── ContextFullError       more sessions or positions than the context holds
     ├── KVStateError               a KV blob that does not belong to this shard, or is damaged
-    └── EngineError                llama.cpp itself reported a failure
+    ├── EngineError                llama.cpp itself reported a failure
+    ├── AuthError                  a peer refused the swarm key (UNAUTHENTICATED)
+    ├── NotReadyError              the swarm cannot serve yet: layers unplaced, shards loading
+    └── PeerError                  a peer could not be reached or failed while serving a call
 
 Messages say what went wrong and what to do about it.
 """
@@ -45,3 +48,15 @@ class KVStateError(SwarmError, ValueError):
 
 class EngineError(SwarmError, RuntimeError):
     """llama.cpp returned an error code."""
+
+
+class AuthError(SwarmError):
+    """A peer refused this swarm key, or none was given."""
+
+
+class NotReadyError(SwarmError):
+    """The swarm cannot serve the request yet (waiting for nodes, shards loading)."""
+
+
+class PeerError(SwarmError):
+    """A peer was unreachable, timed out, or failed while serving a call."""

@@ -49,7 +49,14 @@ class Sampler:
         self.recent = list(history)
         self.rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray) -> int:
+    def observe(self, tokens: Iterable[int]) -> None:
+        """Remember tokens fed to the model (for the repeat penalty)."""
+        self.recent.extend(int(t) for t in tokens)
+        if len(self.recent) > 4 * max(self.params.repeat_last_n, 64):
+            del self.recent[: -self.params.repeat_last_n or None]
+
+    def sample(self, logits: np.ndarray, remember: bool = True) -> int:
+        """Pick the next token; `remember=False` when the caller will `observe` it once it is fed back."""
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         if p.repeat_penalty != 1.0 and p.repeat_last_n:
@@ -63,7 +70,8 @@ class Sampler:
             token = int(np.argmax(logits))
         else:
             token = self._draw(logits)
-        self.recent.append(token)
+        if remember:
+            self.recent.append(token)
         return token
 
     def _draw(self, logits: np.ndarray) -> int:

@@ -1,0 +1,250 @@
+"""`swarm join` as a library: start a coordinator or a node on this machine, keep it in the swarm, stop it.
+
+The command line prints; this module only logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+
+from . import __version__, cache, discovery, wire
+from .cache import key_file
+from ._proto import swarm_pb2 as pb
+from ._proto import swarm_pb2_grpc as pbg
+from .coordinator import Coordinator, CoordinatorService
+from .engine import default_threads
+from .errors import BadInputError, SwarmError
+from .layers import LayerRange
+from .node import NodeService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7700
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '512M', '1.5GiB' or plain bytes -> bytes (K/M/G/T are powers of 1024)."""
+    m = _SIZE.fullmatch(text or "")
+    if not m:
+        raise BadInputError(f"cannot read size {text!r}; write it like 4GB, 512MB or 1.5G")
+    unit = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+def resources(max_memory: int = 0, threads: int | None = None) -> pb.NodeResources:
+    """This machine's memory (within its cgroup limit, if any) and what it gives the swarm."""
+    vm = psutil.virtual_memory()
+    total, available = vm.total, vm.available
+    limit, used = _cgroup_memory()
+    if limit:
+        total = min(total, limit)
+        available = min(available, max(0, limit - used))
+    return pb.NodeResources(
+        memory_total=total, memory_available=available, max_memory=max_memory,
+        threads=threads or default_threads(), cpu_count=os.cpu_count() or 1,
+    )
+
+
+def _cgroup_memory() -> tuple[int, int]:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        return (0, 0) if limit == "max" else (int(limit), used)
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def _start_server(host: str, port: int, key: str) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+        interceptors=[wire.KeyCheck(key)], options=wire.SERVER_OPTIONS,
+    )
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise BadInputError(f"cannot listen on {host}:{port}; is the port in use? pick another with --port")
+    return server, bound
+
+
+def _reachable_host(host: str) -> str:
+    """The address peers should dial for a server bound to `host`."""
+    if host in ("", "0.0.0.0", "::"):
+        return discovery.local_addresses()[0]
+    return "127.0.0.1" if host == "localhost" else host
+
+
+@dataclass
+class RunningCoordinator:
+    coordinator: Coordinator
+    server: grpc.Server
+    address: str
+    key: str
+    swarm: str
+    advertiser: discovery.Advertiser | None
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.advertiser:
+            self.advertiser.close()
+        self.server.stop(grace).wait()
+        self.coordinator.close()
+        try:
+            data = json.loads(key_file(self.swarm).read_text())
+            if data.get("pid") == os.getpid():
+                key_file(self.swarm).unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def start_coordinator(
+    model_path: Path, *, swarm: str = "default", key: str | None = None, name: str | None = None,
+    host: str = "0.0.0.0", port: int = DEFAULT_PORT, max_memory: int = 0, pin: LayerRange | None = None,
+    threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
+) -> RunningCoordinator:
+    """Start the coordinator (it may host layers too) and advertise it on mDNS."""
+    key = key or wire.new_key()
+    server, bound = _start_server(host, port, key)
+    address = f"{_reachable_host(host)}:{bound}"
+    coordinator = Coordinator(
+        model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
+        resources=resources(max_memory, threads), pin=pin, n_ctx=n_ctx, max_sessions=max_sessions, threads=threads,
+    )
+    pbg.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
+    pbg.add_NodeServicer_to_server(coordinator.local, server)
+    server.start()
+    interfaces = discovery.interfaces_for(host, mdns_interface)
+    advertiser = None
+    if interfaces != []:
+        addresses = [address.rsplit(":", 1)[0]] if host not in ("", "0.0.0.0") else discovery.local_addresses()
+        advertiser = discovery.Advertiser(swarm, name or socket.gethostname(), bound, addresses, interfaces)
+    path = key_file(swarm)
+    cache.atomic_write_text(path, json.dumps({"address": address, "key": key, "pid": os.getpid()}))
+    os.chmod(path, 0o600)
+    log.info("coordinator of swarm %r listening on %s", swarm, address)
+    return RunningCoordinator(coordinator, server, address, key, swarm, advertiser)
+
+
+class RunningNode:
+    """A node in the swarm: serves its shard, heartbeats, re-joins a restarted coordinator, leaves on stop."""
+
+    def __init__(
+        self, *, coordinator: str | None, swarm: str, key: str, name: str, host: str, port: int,
+        max_memory: int, pin: LayerRange | None, threads: int | None, mdns_interface: str | None,
+    ):
+        self.swarm, self.key, self.name = swarm, key, name
+        self.pin, self.max_memory, self.threads = pin, max_memory, threads
+        self.interfaces = discovery.interfaces_for(host, mdns_interface)
+        self._fixed_coordinator = wire.check_address(coordinator) if coordinator else None
+        self.coordinator_address: str | None = self._fixed_coordinator
+        self._stub: pbg.CoordinatorStub | None = None
+        self._channel: grpc.Channel | None = None
+        self.service = NodeService(key, fetcher=self._fetcher, threads=threads)
+        self.server, self.port = _start_server(host, port, key)
+        self.host = "" if host in ("", "0.0.0.0", "::") else _reachable_host(host)
+        pbg.add_NodeServicer_to_server(self.service, self.server)
+        self.server.start()
+        self.node_id: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._membership_loop, name="membership", daemon=True)
+        self._thread.start()
+
+    def _fetcher(self):
+        stub = self._coordinator_stub()
+        return lambda request: stub.FetchShard(request, timeout=1800.0)
+
+    def _coordinator_stub(self) -> pbg.CoordinatorStub:
+        if self._stub is None:
+            if self.coordinator_address is None:
+                found = discovery.find_coordinator(self.swarm, self.interfaces, timeout=5.0)
+                self.coordinator_address = found.address
+                log.info("found the coordinator of swarm %r at %s by mDNS", self.swarm, found.address)
+            self._channel = wire.channel(self.coordinator_address, self.key)
+            self._stub = pbg.CoordinatorStub(self._channel)
+        return self._stub
+
+    def _forget_coordinator(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._stub = self._channel = None
+        self.coordinator_address = self._fixed_coordinator
+        self.node_id = None
+
+    def _join(self) -> None:
+        request = pb.JoinRequest(
+            name=self.name, host=self.host, port=self.port, resources=resources(self.max_memory, self.threads),
+            has_pin=self.pin is not None, version=__version__,
+        )
+        if self.pin is not None:
+            request.pin.CopyFrom(wire.span(self.pin))
+        reply = self._coordinator_stub().Join(request, timeout=10.0)
+        self.node_id = reply.node_id
+        log.info("joined swarm %r at %s as %s (model %s)", self.swarm, self.coordinator_address, self.name,
+                 reply.model_name)
+
+    def _membership_loop(self) -> None:
+        failing_since = None
+        while not self._stop.is_set():
+            try:
+                if self.node_id is None:
+                    self._join()
+                reply = self._coordinator_stub().Heartbeat(
+                    pb.HeartbeatRequest(node_id=self.node_id, resources=resources(self.max_memory, self.threads)),
+                    timeout=3.0,
+                )
+                if not reply.known:
+                    log.warning("the coordinator no longer knows this node; joining again")
+                    self.node_id = None
+                    continue
+                failing_since = None
+            except grpc.RpcError as e:
+                err = wire.from_rpc(e, f"coordinator {self.coordinator_address}")
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+                    log.error("%s", err)  # retrying cannot help; say so and stop
+                    self._stop.set()
+                    return
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("%s; retrying", err)
+                elif time.monotonic() - failing_since > 10.0 and self._fixed_coordinator is None:
+                    self._forget_coordinator()  # it may have restarted elsewhere: look again
+                    failing_since = None
+            except SwarmError as e:
+                log.warning("%s", e)
+            self._stop.wait(1.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the node stops (True) or `timeout` passes (False)."""
+        return self._stop.wait(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Leave the swarm (telling the coordinator) and shut down."""
+        self._stop.set()
+        if self.node_id and self._stub is not None:
+            try:
+                self._stub.Leave(pb.LeaveRequest(node_id=self.node_id), timeout=2.0)
+            except grpc.RpcError:
+                pass
+        self.server.stop(grace).wait()
+        self.service.close()
+        if self._channel is not None:
+            self._channel.close()
+
+
+def start_node(**kwargs) -> RunningNode:
+    """Start a node that gives this machine's memory and compute to a swarm (see RunningNode)."""
+    return RunningNode(**kwargs)
+

@@ -1,0 +1,82 @@
+"""A whole swarm on this machine: this process coordinates, more `swarm join` processes host the other layers.
+
+Used by `swarm local` (the quickest way to see the swarm work) and by the tests and benchmarks; the nodes
+are real processes talking gRPC over loopback, pinned to an even split so the model is always cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import cache, join
+from .client import SwarmClient
+from .errors import NotReadyError
+from .gguf_file import read_gguf
+from .layers import split_evenly
+from .slicing import model_layer_count
+
+log = logging.getLogger(__name__)
+
+
+class LocalSwarm:
+    """A coordinator in this process and `nodes - 1` node processes on 127.0.0.1, all pinned."""
+
+    def __init__(self, model: Path, nodes: int = 3, threads: int | None = None, ctx: int = 2048,
+                 max_sessions: int = 4, ready_timeout: float = 300.0, node_env: dict | None = None):
+        ranges = split_evenly(model_layer_count(read_gguf(model)), nodes)
+        self.log_dir = cache.subdir("logs")
+        self.procs: list[subprocess.Popen] = []
+        self.running = join.start_coordinator(
+            model, swarm=f"local-{os.getpid()}", host="127.0.0.1", port=0, pin=ranges[0], threads=threads,
+            n_ctx=ctx, max_sessions=max_sessions, mdns_interface="off", name="coordinator",
+        )
+        try:
+            for i, r in enumerate(ranges[1:], start=1):
+                cmd = [sys.executable, "-m", "swarm.cli", "join", "--coordinator", self.running.address,
+                       "--host", "127.0.0.1", "--layers", str(r), "--mdns-interface", "off", "--name", f"node{i}"]
+                if threads:
+                    cmd += ["--threads", str(threads)]
+                env = dict(os.environ, SWARM_KEY=self.running.key, **(node_env or {}))
+                with open(self.log_dir / f"local-node{i}.log", "wb") as out:
+                    self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+            self.client = SwarmClient(self.running.address, key=self.running.key)
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.client.status()
+            if status["state"] == "ready":
+                return
+            dead = [i + 1 for i, p in enumerate(self.procs) if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                why = f"node process(es) {dead} exited" if dead else f"not ready after {timeout:.0f} s"
+                raise NotReadyError(f"the local swarm did not start: {why} ({status['detail']}); see {self.log_dir}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if getattr(self, "client", None):
+            self.client.close()
+        self.running.stop()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
