@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Swarms on localhost against single-process llama-cpp-python: time to first token and decode speed.
+
+A 1-, 2- and 3-node swarm (this process coordinates and hosts the first range; the other ranges run in
+`swarm join` processes, pinned to an even split) and a llama-cpp-python process are all started first,
+then take turns round by round, so machine noise falls on all of them alike. Medians are reported, with
+each swarm's per-token time split into compute (llama.cpp, summed over the hops), serialization (hidden
+states to bytes and back), sampling, and network (everything else: gRPC, loopback, scheduling).
+
+    python scripts/bench_swarm.py                  # default model, 5 rounds, 128 decode tokens
+    python scripts/bench_swarm.py --rounds 9 --nodes 2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT = (
+    "Llamas are domesticated South American camelids, widely used as meat and pack animals by Andean cultures "
+    "since the pre-Columbian era. They are social animals and live with others as a herd. Their wool is soft "
+    "and contains only a small amount of lanolin. Llamas can learn simple tasks after a few repetitions. When "
+    "using a pack, they can carry about 25 to 30 percent of their body weight for 8 to 13 km. The name llama "
+    "was adopted by European settlers from native Peruvians."
+)
+
+# The reference runs in a process of its own with the environment the user has, exactly as a user
+# would run llama-cpp-python; it reads one line per round and answers with one JSON line.
+REFERENCE = r"""
+import json, sys, time
+import llama_cpp
+model, n_decode, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = llama_cpp.Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+tokens = llm.tokenize(sys.argv[4].encode(), add_bos=True, special=True)
+print("ready", flush=True)
+for _ in sys.stdin:
+    llm.reset()  # no prompt reuse between rounds: every round evaluates the whole prompt
+    t0 = time.perf_counter()
+    n = 0
+    for _ in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
+        n += 1
+        if n == 1:
+            t1 = time.perf_counter()
+        if n >= n_decode:
+            break
+    t2 = time.perf_counter()
+    print(json.dumps({"ttft_ms": 1e3 * (t1 - t0), "decode_tps": (n - 1) / (t2 - t1), "prompt_tokens": len(tokens)}),
+          flush=True)
+"""
+
+
+def run_swarm(client, n_decode: int) -> dict:
+    t0 = time.perf_counter()
+    gen = client.generate(PROMPT, max_tokens=n_decode, timings=True)
+    first = None
+    for _ in gen:
+        if first is None:
+            first = time.perf_counter()
+    r = gen.result
+    if len(r.tokens) != n_decode:
+        raise SystemExit(f"the swarm stopped after {len(r.tokens)} tokens; the benchmark needs {n_decode}")
+    steps = r.timings["steps"]
+    return {
+        "ttft_ms": 1e3 * (first - t0),
+        "decode_tps": r.tokens_per_s,
+        **{k: r.timings.get(k, 0.0) / steps for k in ("compute_ms", "serialization_ms", "network_ms", "sampling_ms")},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--nodes", default="1,2,3", help="swarm sizes to measure (default 1,2,3)")
+    ap.add_argument("--decode", type=int, default=128, help="tokens generated per round")
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads everywhere (default: physical cores)")
+    args = ap.parse_args()
+
+    from swarm.engine import default_threads
+    from swarm.local import LocalSwarm
+    from swarm.models import resolve_model
+
+    model = resolve_model(args.model)
+    threads = args.threads or default_threads()
+    sizes = [int(n) for n in args.nodes.split(",")]
+    ref = subprocess.Popen([sys.executable, "-c", REFERENCE, str(model), str(args.decode), str(threads), PROMPT],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    swarms = {}
+    try:
+        assert ref.stdout.readline().strip() == "ready"
+        for n in sizes:
+            swarms[n] = LocalSwarm(model, nodes=n, threads=threads, ctx=1024, max_sessions=1)
+        for s in swarms.values():  # warm-up
+            s.client.complete("Hello", max_tokens=4)
+        results: dict[str, list[dict]] = {"llama-cpp-python": []} | {f"{n}-node swarm": [] for n in sizes}
+        for r in range(args.rounds):
+            ref.stdin.write("go\n")
+            ref.stdin.flush()
+            results["llama-cpp-python"].append(json.loads(ref.stdout.readline()))
+            for n, s in swarms.items():
+                results[f"{n}-node swarm"].append(run_swarm(s.client, args.decode))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        for s in swarms.values():
+            s.close()
+        ref.kill()
+
+    med = {c: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for c, runs in results.items()}
+    base = med["llama-cpp-python"]
+    print(f"model {model.name}, prompt {int(base['prompt_tokens'])} tokens, {args.decode} tokens generated, "
+          f"{threads} threads per process, median of {args.rounds} rounds\n")
+    print("| configuration | first token ms | decode tok/s | decode vs llama-cpp-python | per token: compute | "
+          "serialization | sampling | network |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c, m in med.items():
+        if c == "llama-cpp-python":
+            print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | 100% | | | | |")
+            continue
+        print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | {m['decode_tps'] / base['decode_tps']:.0%} | "
+              f"{m['compute_ms']:.2f} ms | {m['serialization_ms']:.2f} ms | {m['sampling_ms']:.2f} ms | "
+              f"{m['network_ms']:.2f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
