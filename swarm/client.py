@@ -75,6 +75,8 @@ class Generation:
                             d.decode_timings, preserving_proto_field_name=True)
         except grpc.RpcError as e:
             raise wire.from_rpc(e, f"coordinator {self._peer}") from None
+        finally:
+            self._call.cancel()  # a caller that stops reading frees the session (no-op once finished)
 
     def cancel(self) -> None:
         """Stop generating; the coordinator frees the session."""

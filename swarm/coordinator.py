@@ -39,6 +39,7 @@ HEARTBEAT_S = 1.0
 LOST_AFTER_S = 3.5  # three missed heartbeats and a margin
 ASSIGN_TIMEOUT_S = 1800.0  # fetching a multi-GB shard over Wi-Fi takes a while
 MAX_PROMPT_CHARS = 1 << 20
+MAX_MESSAGES = 1024
 
 
 @dataclass
@@ -55,10 +56,16 @@ class Member:
     layers: LayerRange | None = None
     state: str = "joining"
     detail: str = ""
+    excluded: bool = False  # failed to load its shard: left out of plans until it joins again
+
+    def __post_init__(self) -> None:
+        # Plan with what the node had free when it joined: once it holds a shard, its free memory
+        # no longer counts that shard, and re-plans would shrink it for nothing.
+        self.plan_resources = self.resources
 
     def usable_memory(self) -> int:
         """What the planner may fill: the cap when given (never more than is free), else 90% of free."""
-        r = self.resources
+        r = self.plan_resources
         if r.max_memory:
             return min(r.max_memory, r.memory_available) if r.memory_available else r.max_memory
         return int(r.memory_available * 0.9)
@@ -120,6 +127,7 @@ class Coordinator:
         self._files: dict[str, Path] = {}
         self._sessions: dict[str, _Session] = {}
         self._slots = threading.Semaphore(max_sessions)
+        self._waiting = 0
         self._stubs: dict[str, tuple[pbg.NodeStub, grpc.Channel]] = {}
         self._faults = fault_chunks_from_env()
         self._stop = threading.Event()
@@ -147,6 +155,7 @@ class Coordinator:
             # A node that restarts comes back at the same address: it replaces its old self.
             for old in [m for m in self._members.values() if m.address == address and not m.is_self]:
                 del self._members[old.node_id]
+                self._on_member_gone(old, "restarted")
             for m in self._members.values():
                 if pin is not None and m.pin is not None and pin.start < m.pin.end and m.pin.start < pin.end:
                     raise ShardRangeError(
@@ -181,7 +190,8 @@ class Coordinator:
 
     def _on_member_gone(self, m: Member, why: str) -> None:
         """Call with the lock held."""
-        log.log(logging.INFO if why == "left" else logging.WARNING,"node %s (%s) %s%s", m.name, m.address, why, f"; it held layers {m.layers}" if m.layers else "")
+        self._forget_stub(m.address)
+        log.log(logging.INFO if why in ("left", "restarted") else logging.WARNING,"node %s (%s) %s%s", m.name, m.address, why, f"; it held layers {m.layers}" if m.layers else "")
         if m.layers is not None and self._route is not None:
             self._route = None
             self._state, self._detail = "planning", f"node {m.name} {why}; re-planning layers {m.layers}"
@@ -208,20 +218,30 @@ class Coordinator:
                 if self._stop.is_set():
                     return
                 self._dirty = False
-                members = [m for m in self._members.values()]
+                # No session may start on the old route while it is being replaced.
+                self._route = None
+                self._state, self._detail = "planning", "planning placement"
             time.sleep(0.2)  # let a burst of joins settle into one plan
             with self._cond:
                 if self._dirty:
                     continue
+                members = [m for m in self._members.values() if not m.excluded]
             try:
                 self._apply(members)
-            except SwarmError as e:
+            except Exception as e:  # the planner must survive anything, or the swarm never serves again
                 with self._cond:
                     self._route = None
                     self._state, self._detail = "waiting", str(e)
                     self._cond.notify_all()
-                # Waiting for nodes to join is normal at start-up; anything else deserves a warning.
-                log.log(logging.INFO if isinstance(e, placement.PlacementError) else logging.WARNING, "%s", e)
+                if isinstance(e, placement.PlacementError):  # waiting for nodes is normal at start-up
+                    log.info("%s", e)
+                elif isinstance(e, SwarmError):
+                    log.warning("%s", e)
+                else:
+                    log.exception("planning failed; retrying shortly")
+                    with self._cond:
+                        self._dirty = True
+                    self._stop.wait(2.0)
 
     def _apply(self, members: list[Member]) -> None:
         specs = [placement.NodeSpec(m.node_id, m.usable_memory(), m.pin) for m in members]
@@ -259,9 +279,9 @@ class Coordinator:
                     failed.append(f"{m.name}: {e}")
         if failed:
             with self._cond:
-                for m in members:  # leave failed nodes out of the next plan until they join again
-                    if m.state == "failed" and not m.is_self:
-                        self._members.pop(m.node_id, None)
+                for m in members:  # leave failed nodes out of plans until they join again
+                    if m.state == "failed":
+                        m.excluded = True
                 self._dirty = True
             raise NotReadyError("some nodes could not load their shards; re-planning without them: " + "; ".join(failed))
         route = tuple(
@@ -294,6 +314,11 @@ class Coordinator:
             raise BadInputError(f"no shard {request.shard_id[:16]!r} here; it is not part of the current plan")
         return iter_chunks(path, int(request.offset), corrupt_chunks=faults)
 
+    def _forget_stub(self, address: str) -> None:
+        entry = self._stubs.pop(address, None)
+        if entry is not None:
+            entry[1].close()
+
     def _stub(self, address: str) -> pbg.NodeStub:
         with self._cond:
             if address not in self._stubs:
@@ -318,7 +343,7 @@ class Coordinator:
                  ) -> Iterator[pb.GenerateEvent]:
         """Run one session: prompt in n_batch pieces, then one token per step, streaming text pieces."""
         sampling = wire.sampling_from_pb(request.sampling) if request.HasField("sampling") else SamplingParams()
-        stops = check_stops(request.stop)
+        stops = check_stops(request.stop)  # counts before it copies
         tokens = self._prompt_tokens(request)
         if len(tokens) >= self.n_ctx:
             raise BadInputError(
@@ -327,9 +352,19 @@ class Coordinator:
             )
         budget = min(request.max_tokens or self.default_max_tokens, self.n_ctx - len(tokens))
         deadline = time.monotonic() + wait_s
-        while not self._slots.acquire(timeout=0.5):
-            if time.monotonic() > deadline or not is_active():
-                raise NotReadyError(f"all {self.max_sessions} session slots are busy; try again shortly")
+        with self._cond:
+            # Each waiting request holds a server thread; a bounded queue keeps heartbeats served.
+            if self._waiting >= 2 * self.max_sessions:
+                raise NotReadyError(f"the swarm is busy ({self.max_sessions} sessions running, more waiting); "
+                                    "try again shortly")
+            self._waiting += 1
+        try:
+            while not self._slots.acquire(timeout=0.5):
+                if time.monotonic() > deadline or not is_active():
+                    raise NotReadyError(f"all {self.max_sessions} session slots are busy; try again shortly")
+        finally:
+            with self._cond:
+                self._waiting -= 1
         sid = uuid.uuid4().hex[:16]
         route: tuple[RouteHop, ...] = ()
         try:
@@ -353,6 +388,8 @@ class Coordinator:
                 raise BadInputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
             return self.tokenizer.tokenize(request.prompt)
         if kind == "chat":
+            if len(request.chat.messages) > MAX_MESSAGES:
+                raise BadInputError(f"a conversation has at most {MAX_MESSAGES} messages")
             messages = [(m.role, m.content) for m in request.chat.messages]
             if not messages:
                 raise BadInputError("a chat request needs at least one message")
@@ -506,17 +543,13 @@ class CoordinatorService(pbg.CoordinatorServicer):
         self.c.leave(request.node_id)
         return pb.LeaveReply()
 
+    @wire.served_stream
     def FetchShard(self, request, context):
-        try:
-            yield from self.c.fetch_chunks(request)
-        except SwarmError as e:
-            context.abort(wire.code_for(e), str(e))
+        yield from self.c.fetch_chunks(request)
 
+    @wire.served_stream
     def Generate(self, request, context):
-        try:
-            yield from self.c.generate(request, context.is_active)
-        except SwarmError as e:
-            context.abort(wire.code_for(e), str(e))
+        yield from self.c.generate(request, context.is_active)
 
     @wire.served
     def Status(self, request, context):

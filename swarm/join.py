@@ -70,7 +70,7 @@ def _cgroup_memory() -> tuple[int, int]:
 def _start_server(host: str, port: int, key: str) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-        interceptors=[wire.KeyCheck(key)], options=wire.SERVER_OPTIONS,
+        interceptors=[wire.KeyCheck(key)], options=wire.SERVER_OPTIONS, maximum_concurrent_rpcs=256,
     )
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -86,6 +86,15 @@ def _reachable_host(host: str) -> str:
     if host in ("", "0.0.0.0", "::"):
         return discovery.local_addresses()[0]
     return "127.0.0.1" if host == "localhost" else host
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only this user can read, created that way (never readable in between)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -131,9 +140,7 @@ def start_coordinator(
     if interfaces != []:
         addresses = [address.rsplit(":", 1)[0]] if host not in ("", "0.0.0.0") else discovery.local_addresses()
         advertiser = discovery.Advertiser(swarm, name or socket.gethostname(), bound, addresses, interfaces)
-    path = key_file(swarm)
-    cache.atomic_write_text(path, json.dumps({"address": address, "key": key, "pid": os.getpid()}))
-    os.chmod(path, 0o600)
+    _write_private(key_file(swarm), json.dumps({"address": address, "key": key, "pid": os.getpid()}))
     log.info("coordinator of swarm %r listening on %s", swarm, address)
     return RunningCoordinator(coordinator, server, address, key, swarm, advertiser)
 

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 FORWARD_TIMEOUT_S = 120.0  # one step of a big prompt on a slow machine; a dead peer fails far sooner
 _MAX_N_CTX = 1 << 20
 _MAX_SESSIONS = 256
+# A session nobody has stepped for this long was abandoned (its coordinator crashed or lost the
+# network before closing it); its KV sequence is freed when a new session needs room.
+SESSION_IDLE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class NodeService(pbg.NodeServicer):
         self._loaded: LoadedShard | None = None
         self._assign_lock = threading.Lock()
         self._samplers: dict[str, Sampler] = {}
-        self._channels: dict[str, pbg.NodeStub] = {}
+        self._last_used: dict[str, float] = {}
+        self._channels: dict[str, tuple[pbg.NodeStub, grpc.Channel]] = {}
         self._channels_lock = threading.Lock()
         self.state = "idle"
 
@@ -120,6 +124,7 @@ class NodeService(pbg.NodeServicer):
     def _unload(self) -> None:
         loaded, self._loaded = self._loaded, None
         self._samplers.clear()
+        self._last_used.clear()
         if loaded:
             loaded.shard.close()
 
@@ -145,7 +150,13 @@ class NodeService(pbg.NodeServicer):
         shard = self._shard(request.layers)
         sid = _session_id(request.session_id)
         sampler = Sampler(wire.sampling_from_pb(request.sampling)) if shard.role.gives_logits else None
+        now = time.monotonic()
+        for old, used in list(self._last_used.items()):
+            if now - used > SESSION_IDLE_S:
+                log.warning("dropping session %s: unused for %.0f s (abandoned by its coordinator?)", old, now - used)
+                self.close_session(old)
         shard.open_session(sid)
+        self._last_used[sid] = now
         if sampler is not None:
             self._samplers[sid] = sampler
 
@@ -156,6 +167,7 @@ class NodeService(pbg.NodeServicer):
 
     def close_session(self, session_id: str) -> None:
         self._samplers.pop(session_id, None)
+        self._last_used.pop(session_id, None)
         loaded = self._loaded
         if loaded:
             loaded.shard.drop_session(session_id)
@@ -190,6 +202,7 @@ class NodeService(pbg.NodeServicer):
             x = wire.decode_hidden(request.hidden, n, shard.n_embd)
         t1 = time.perf_counter()
         out = shard.forward(sid, x, int(request.start))
+        self._last_used[sid] = time.monotonic()
         t2 = time.perf_counter()
         timing = pb.HopTiming(layers=request.layers, compute_ms=1e3 * (t2 - t1), codec_ms=1e3 * (t1 - t0))
         if shard.role.gives_logits:
@@ -223,6 +236,9 @@ class NodeService(pbg.NodeServicer):
                 raise PeerError(f"next hop {hop.address} (layers {wire.layer_range(hop.layers)}) did not answer: "
                                 f"{e.details()}") from None
             raise
+        except Exception:
+            shard.rollback(sid, int(request.start))
+            raise
         t5 = time.perf_counter()
         timing.codec_ms += 1e3 * (t4 - t3)
         timing.call_ms = 1e3 * (t5 - t4)
@@ -232,15 +248,19 @@ class NodeService(pbg.NodeServicer):
 
     def _stub(self, address: str) -> pbg.NodeStub:
         with self._channels_lock:
-            stub = self._channels.get(address)
-            if stub is None:
-                stub = pbg.NodeStub(wire.channel(wire.check_address(address), self._key))
-                self._channels[address] = stub
-            return stub
+            entry = self._channels.get(address)
+            if entry is None:
+                ch = wire.channel(wire.check_address(address), self._key)
+                entry = self._channels[address] = (pbg.NodeStub(ch), ch)
+            return entry[0]
 
     def close(self) -> None:
         with self._assign_lock:
             self._unload()
+        with self._channels_lock:
+            stubs, self._channels = self._channels, {}
+        for _, ch in stubs.values():
+            ch.close()
 
 
 def _session_id(text: str) -> str:

@@ -11,11 +11,11 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 
 
-def check_stops(stops: Sequence[str]) -> list[str]:
+def check_stops(stops: Sequence[str]) -> list[str]:  # a Sequence: its length is known before copying
     """Stop strings as given by a client: a few, non-empty, of bounded length."""
-    stops = list(stops)
     if len(stops) > MAX_STOPS:
         raise BadInputError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+    stops = list(stops)
     for s in stops:
         if not s or len(s) > MAX_STOP_CHARS:
             raise BadInputError(f"a stop string must be 1 to {MAX_STOP_CHARS} characters, got {s!r:.40}")

@@ -40,9 +40,10 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 KEY_HEADER = "swarm-key"
-# gRPC's own limit sits far above any legitimate message (a 512-position batch of a 16k-wide model is
-# 32 MB), so that oversized requests reach the handlers and get a precise INVALID_ARGUMENT there.
-MAX_MESSAGE = 256 << 20
+# gRPC's own limit sits above any legitimate message (a 512-position batch of a 16k-wide model is
+# 32 MB), so that oversized requests reach the handlers and get a precise INVALID_ARGUMENT there, and
+# low enough that unkeyed callers (checked only once a message has arrived) cannot make a node buffer much.
+MAX_MESSAGE = 64 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -162,6 +163,24 @@ def served(method: Callable) -> Callable:
     return wrapper
 
 
+def served_stream(method: Callable) -> Callable:
+    """Like `served`, for a method that yields its replies."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except SwarmError as e:
+            context.abort(code_for(e), str(e))
+        except grpc.RpcError as e:
+            context.abort(e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE, _details(e))
+        except Exception as e:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return wrapper
+
+
 def _details(e: grpc.RpcError) -> str:
     try:
         return e.details() or str(e)
@@ -207,9 +226,10 @@ def sampling_to_pb(p: SamplingParams) -> pb.Sampling:
 
 def sampling_from_pb(s: pb.Sampling) -> SamplingParams:
     """Validated sampling parameters (BadInputError names the bad field)."""
+    # proto3 leaves unset numbers at 0: top_p 0 and repeat_penalty 0 mean "off", as 1.0 does.
     return SamplingParams(
-        temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p), min_p=float(s.min_p),
-        repeat_penalty=float(s.repeat_penalty), repeat_last_n=int(s.repeat_last_n),
+        temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p) or 1.0, min_p=float(s.min_p),
+        repeat_penalty=float(s.repeat_penalty) or 1.0, repeat_last_n=int(s.repeat_last_n),
         seed=int(s.seed) if s.has_seed else None,
     )
 

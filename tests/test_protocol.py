@@ -37,9 +37,13 @@ def test_sampling_round_trip():
         assert back.temperature == pytest.approx(p.temperature) and back.top_p == pytest.approx(p.top_p)
 
 
-def test_bad_sampling_from_the_wire_is_refused():
+def test_bad_sampling_from_the_wire_is_refused_and_unset_fields_mean_off():
     with pytest.raises(BadInputError, match="top_p"):
-        wire.sampling_from_pb(pb.Sampling(temperature=0.5, top_p=0.0))
+        wire.sampling_from_pb(pb.Sampling(temperature=0.5, top_p=1.5))
+    with pytest.raises(BadInputError, match="temperature"):
+        wire.sampling_from_pb(pb.Sampling(temperature=float("nan")))
+    p = wire.sampling_from_pb(pb.Sampling(temperature=0.5))  # a client that sets only the temperature
+    assert p.top_p == 1.0 and p.repeat_penalty == 1.0 and p.top_k == 0 and p.seed is None
 
 
 def test_hidden_state_round_trip_and_size_check():

@@ -262,7 +262,7 @@ def test_malformed_requests_get_invalid_argument_and_the_node_keeps_serving(thre
         with pytest.raises(BadInputError, match="empty"):
             c.complete("", max_tokens=2)
         with pytest.raises(BadInputError, match="top_p"):
-            list(c._start(pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=1.0, top_p=0.0))))
+            list(c._start(pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=1.0, top_p=1.5))))
         with pytest.raises(BadInputError, match="a session holds 512"):
             c.complete("word " * 600, max_tokens=2)
         with pytest.raises(BadInputError, match="role"):
@@ -309,3 +309,18 @@ def test_port_in_use_is_a_clear_error(tmp_path):
                                "--key", "k", "--host", "127.0.0.1", "--port", str(port), "--mdns-interface", "off"],
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--port" in done.stderr
+
+
+def test_a_client_that_stops_reading_frees_its_session(three, reference):
+    import time
+
+    with SwarmClient(three.address, key=KEY) as c:
+        for _ in range(6):  # more than --max-sessions 4: leaked slots would make the last ones wait and fail
+            for _piece in c.generate(PROMPTS[0], max_tokens=400):
+                break
+        deadline = time.monotonic() + 30
+        while c.status()["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.status()["sessions"] == []
+        _, expected, _ = reference.run(PROMPTS[0])
+        assert c.complete(PROMPTS[0], max_tokens=N_TOKENS).tokens == expected
