@@ -50,7 +50,7 @@ def _llama():
         # and a finished shard's spinning threads slowed the next shard's step by 20-60%. A short spin
         # keeps the wake-up fast within one process. Read by libgomp when llama_cpp loads it, so only
         # effective if llama_cpp was not imported before; a user's own setting wins.
-        os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+        os.environ.setdefault("GOMP_SPINCOUNT", "20000")
         import llama_cpp
 
         @llama_cpp.llama_log_callback
