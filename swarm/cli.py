@@ -152,6 +152,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             resolve_model(args.model), swarm=args.swarm, key=key, name=name, host=args.host,
             port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
+            reprofile=args.reprofile,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
@@ -170,6 +171,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     node = join.start_node(
         coordinator=args.coordinator, swarm=args.swarm, key=key, name=name, host=args.host,
         port=args.port or 0, max_memory=max_memory, pin=pin, threads=args.threads, mdns_interface=args.mdns_interface,
+        reprofile=args.reprofile,
     )
     print(f"node {name} serving on port {node.port}; looking for the coordinator of swarm {args.swarm!r}"
           + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)
@@ -263,6 +265,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{name:<16} {n['address']:<22} {layers:<8} {n['state']:<8} "
               f"{int(r['memory_available']) >> 20:>8}/{int(r['memory_total']) >> 20:<6} MB {cap:>8} {r['threads']:>7}")
     print("(c) coordinator, * pinned with --layers")
+    print("\nmeasured (per node: decode cost per byte of weights, fixed cost per step, round trip to the coordinator):")
+    for n in status["nodes"]:
+        p = n.get("profile") or {}
+        if not p:
+            continue
+        devices = ", ".join(f"{d['name']} ({d['type']})" for d in n["resources"].get("devices", []))
+        print(f"  {n['name']:<14} {p['decode_ns_per_byte']:.2f} ns/byte, {p['step_overhead_ms']:.2f} ms/step, "
+              f"rtt {p['rtt_ms']:.2f} ms{', cached' if p['cached'] else ''}; {devices}")
+        if p.get("reason"):
+            print(f"  {'':<14} {p['reason']}")
+    if status["predicted_decode_tps"]:
+        measured = (f"{status['measured_decode_tps']:.1f} measured over {status['measured_sessions']} session(s)"
+                    if status["measured_sessions"] else "not measured yet")
+        print(f"decode: {status['predicted_decode_tps']:.1f} tokens/s predicted, {measured}")
     for s in status["sessions"]:
         print(f"session {s['session_id']}: {s['positions']} positions, {s['generated']} generated, {s['age_s']:.0f} s")
     if not status["sessions"]:
@@ -309,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--max-sessions", type=int, default=4, help="sessions at once (coordinator; default 4)")
     join.add_argument("--mdns-interface", default=None,
                       help="interface address for mDNS, `all` or `off` (default: derived from --host)")
+    join.add_argument("--reprofile", action="store_true",
+                      help="measure this node's compute again instead of using its cached profile")
     join.set_defaults(func=cmd_join)
 
     gen = sub.add_parser("generate", help="raw completion of a text through the swarm, streamed")

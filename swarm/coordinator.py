@@ -32,6 +32,10 @@ from .sampling import SamplingParams
 from .slicing import model_layer_count, slice_model
 from .textstream import TextStream, check_stops
 from .transfer import fault_chunks_from_env, iter_chunks
+from .profiling import ComputeProfile, measure_link
+from . import planner
+import collections
+import statistics
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,11 @@ class Member:
     state: str = "joining"
     detail: str = ""
     excluded: bool = False  # failed to load its shard: left out of plans until it joins again
+    compute: ComputeProfile | None = None  # measured by a probe when it joined
+    profile_cached: bool = False
+    rtt_s: float = 0.0  # to the coordinator
+    bandwidth_bps: float = float("inf")
+    reason: str = ""  # the planner's word on this node
 
     def __post_init__(self) -> None:
         # Plan with what the node had free when it joined: once it holds a shard, its free memory
@@ -130,6 +139,10 @@ class Coordinator:
         self._waiting = 0
         self._stubs: dict[str, tuple[pbg.NodeStub, grpc.Channel]] = {}
         self._faults = fault_chunks_from_env()
+        self._links: dict[tuple[str, str], tuple[float, float]] = {}
+        self._prediction: planner.Prediction | None = None
+        self._measured: collections.deque[float] = collections.deque(maxlen=20)
+        self.reprofile = False
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._plan_loop, name="planner", daemon=True),
@@ -177,7 +190,10 @@ class Coordinator:
                 return pb.HeartbeatReply(known=False)
             m.last_seen = time.monotonic()
             if request.HasField("resources"):
+                devices = list(m.resources.devices)  # sent once, at join
                 m.resources = request.resources
+                if not m.resources.devices:
+                    m.resources.devices.extend(devices)
             return pb.HeartbeatReply(known=True)
 
     def leave(self, node_id: str) -> None:
@@ -243,23 +259,89 @@ class Coordinator:
                         self._dirty = True
                     self._stop.wait(2.0)
 
+    def _shard_spec(self, layers: LayerRange) -> pb.ShardSpec:
+        """Cut (or reuse) the shard of `layers` and offer its file for FetchShard."""
+        shard = slice_model(self.model_path, layers)
+        spec = pb.ShardSpec(
+            shard_id=shard.shard_id, file_name=shard.path.name, size=shard.path.stat().st_size,
+            sha256=file_digest(shard.path), layers=wire.span(layers), n_layer_total=self.n_layer,
+        )
+        with self._cond:
+            self._files[spec.shard_id] = shard.path
+        return spec
+
+    def _measure(self, members: list[Member]) -> None:
+        """Profile members not yet measured: compute on slices of this model, and their link to here."""
+        todo = [m for m in members if m.compute is None]
+        if not todo:
+            return
+        k = min(4, self.n_layer - 2)
+        probe = pb.ProbeRequest(shards=[self._shard_spec(LayerRange(1, 2)), self._shard_spec(LayerRange(1, 1 + k))],
+                                decode_steps=24, prefill_tokens=128)
+
+        def one(m: Member) -> None:
+            request = pb.ProbeRequest()
+            request.CopyFrom(probe)
+            request.refresh = m.is_self and self.reprofile
+            if m.is_self:
+                reply = self.local.probe(request)
+                m.rtt_s, m.bandwidth_bps = 0.0, float("inf")
+            else:
+                stub = self._stub(m.address)
+                try:
+                    reply = stub.Probe(request, timeout=ASSIGN_TIMEOUT_S)
+                    m.rtt_s, m.bandwidth_bps = measure_link(lambda r: stub.Ping(r, timeout=10.0),
+                                                            self.footprint.n_embd * 4)
+                except grpc.RpcError as e:
+                    raise wire.from_rpc(e, f"node {m.name} ({m.address})") from None
+            m.compute = ComputeProfile(reply.decode_s_per_byte, reply.prefill_s_per_byte, reply.step_overhead_s)
+            m.profile_cached = reply.cached
+            log.info("measured %s: %.2f ns/byte decode, %.2f ms per step, %.2f ms round trip%s", m.name,
+                     1e9 * reply.decode_s_per_byte, 1e3 * reply.step_overhead_s, 1e3 * m.rtt_s,
+                     " (compute from its cache)" if reply.cached else "")
+
+        with self._cond:
+            self._detail = "measuring " + ", ".join(m.name for m in todo)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            futures = {m.node_id: pool.submit(one, m) for m in todo}
+            failed = []
+            for m in todo:
+                try:
+                    futures[m.node_id].result()
+                except SwarmError as e:
+                    m.state, m.detail, m.excluded = "failed", f"could not be measured: {e}", True
+                    failed.append(f"{m.name}: {e}")
+        if failed:
+            with self._cond:
+                self._dirty = True
+            raise NotReadyError("some nodes could not be measured; planning without them: " + "; ".join(failed))
+
+    def _profiles(self, members: list[Member]) -> list[planner.NodeProfile]:
+        return [
+            planner.NodeProfile(
+                node_id=m.node_id, memory=m.usable_memory(), decode_s_per_byte=m.compute.decode_s_per_byte,
+                prefill_s_per_byte=m.compute.prefill_s_per_byte, step_overhead_s=m.compute.step_overhead_s,
+                rtt_s=m.rtt_s, bandwidth_bps=m.bandwidth_bps, pin=m.pin, is_coordinator=m.is_self,
+                memory_total=m.plan_resources.memory_total, memory_free=m.plan_resources.memory_available,
+            )
+            for m in members
+        ]
+
     def _apply(self, members: list[Member]) -> None:
-        specs = [placement.NodeSpec(m.node_id, m.usable_memory(), m.pin) for m in members]
-        plan = placement.plan(self.footprint, specs, self.n_ctx, self.max_sessions, self.n_batch)
+        self._measure(members)
+        current = {m.node_id: m.layers for m in members if m.layers is not None}
+        plan = planner.plan_measured(self.footprint, self._profiles(members), self.n_ctx, self.max_sessions,
+                                     self.n_batch, links=dict(self._links), current=current)
         by_id = {m.node_id: m for m in members}
+        for m in members:
+            m.reason = plan.reasons.get(m.node_id, "")
         log.info("placement: %s", ", ".join(f"{a.layers} -> {by_id[a.node_id].name}" for a in plan.assignments))
         with self._cond:
             self._route = None
             self._state, self._detail = "planning", "loading shards: " + placement.describe(plan)
         jobs = {}
         for a in plan.assignments:
-            shard = slice_model(self.model_path, a.layers)
-            spec = pb.ShardSpec(
-                shard_id=shard.shard_id, file_name=shard.path.name, size=shard.path.stat().st_size,
-                sha256=file_digest(shard.path), layers=wire.span(a.layers), n_layer_total=self.n_layer,
-            )
-            with self._cond:
-                self._files[spec.shard_id] = shard.path
+            spec = self._shard_spec(a.layers)
             jobs[a.node_id] = pb.AssignRequest(
                 has_shard=True, shard=spec, n_ctx=self.n_ctx, max_sessions=self.max_sessions, n_batch=self.n_batch,
             )
@@ -287,13 +369,30 @@ class Coordinator:
         route = tuple(
             RouteHop(a.node_id, by_id[a.node_id].address, a.layers, by_id[a.node_id].is_self) for a in plan.assignments
         )
+        prediction = self._measure_route(route, plan, members)
         with self._cond:
+            self._prediction = prediction
+            self._measured.clear()
             if self._dirty:
                 return  # the membership changed while loading; the next plan supersedes this one
             self._route = route
             self._state, self._detail = "ready", placement.describe(plan)
             self._cond.notify_all()
         log.info("swarm ready: %s", ", ".join(f"{h.layers} on {by_id[h.node_id].name}" for h in route))
+
+    def _measure_route(self, route, plan, members: list[Member]) -> planner.Prediction:
+        """Measure the links between consecutive nodes of the new route; the prediction with them."""
+        for a, b in zip(route, route[1:]):
+            if a.is_self or b.is_self or (a.node_id, b.node_id) in self._links:
+                continue  # a link from here is the node's own, measured when it joined
+            try:
+                reply = self._stub(a.address).MeasureLink(
+                    pb.LinkRequest(address=b.address, payload_bytes=self.footprint.n_embd * 4, count=8), timeout=60.0)
+                self._links[(a.node_id, b.node_id)] = (reply.rtt_s, reply.bandwidth_bps)
+            except grpc.RpcError as e:
+                log.warning("could not measure the link %s -> %s: %s", a.address, b.address, e.details())
+        return planner.predict(self.footprint, self._profiles(members), plan.assignments, self.n_batch,
+                               links=dict(self._links))
 
     def _assign(self, m: Member, request: pb.AssignRequest) -> None:
         m.state = "loading" if request.has_shard else m.state
@@ -441,6 +540,10 @@ class Coordinator:
         if tail:
             yield pb.GenerateEvent(piece=pb.GenerateEvent.Piece(text=tail))
         n = session.generated
+        if n >= 8 and last > first:
+            with self._cond:
+                if self._route == route:  # only sessions of the route the prediction is for
+                    self._measured.append((n - 1) / (last - first))
         done = pb.GenerateEvent.Done(
             finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n,
             first_token_ms=1e3 * ((first or time.perf_counter()) - t0),
@@ -496,6 +599,18 @@ class Coordinator:
                 )
                 if m.layers is not None:
                     ns.layers.CopyFrom(wire.span(m.layers))
+                if m.compute is not None:
+                    ns.profile.CopyFrom(pb.NodeProfile(
+                        decode_ns_per_byte=1e9 * m.compute.decode_s_per_byte,
+                        prefill_ns_per_byte=1e9 * m.compute.prefill_s_per_byte,
+                        step_overhead_ms=1e3 * m.compute.step_overhead_s, rtt_ms=1e3 * m.rtt_s,
+                        bandwidth_mbps=0.0 if m.bandwidth_bps == float("inf") else m.bandwidth_bps / 1e6,
+                        reason=m.reason, cached=m.profile_cached))
+            if self._prediction is not None and self._route is not None:
+                reply.predicted_decode_tps = self._prediction.decode_tps
+            if self._measured:
+                reply.measured_decode_tps = statistics.median(self._measured)
+                reply.measured_sessions = len(self._measured)
             for sid, s in self._sessions.items():
                 reply.sessions.add(session_id=sid, positions=s.positions, generated=s.generated, age_s=now - s.started)
         return reply

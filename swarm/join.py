@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from . import __version__, cache, discovery, wire
+from . import __version__, cache, discovery, profiling, wire
 from .cache import key_file
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
@@ -44,8 +44,8 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * unit)
 
 
-def resources(max_memory: int = 0, threads: int | None = None) -> pb.NodeResources:
-    """This machine's memory (within its cgroup limit, if any) and what it gives the swarm."""
+def resources(max_memory: int = 0, threads: int | None = None, with_devices: bool = False) -> pb.NodeResources:
+    """This machine's memory (within its cgroup limit, if any), what it gives the swarm, and its devices."""
     vm = psutil.virtual_memory()
     total, available = vm.total, vm.available
     limit, used = _cgroup_memory()
@@ -55,6 +55,7 @@ def resources(max_memory: int = 0, threads: int | None = None) -> pb.NodeResourc
     return pb.NodeResources(
         memory_total=total, memory_available=available, max_memory=max_memory,
         threads=threads or default_threads(), cpu_count=os.cpu_count() or 1,
+        devices=profiling.devices() if with_devices else [],
     )
 
 
@@ -123,6 +124,7 @@ def start_coordinator(
     model_path: Path, *, swarm: str = "default", key: str | None = None, name: str | None = None,
     host: str = "0.0.0.0", port: int = DEFAULT_PORT, max_memory: int = 0, pin: LayerRange | None = None,
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
+    reprofile: bool = False,
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS."""
     key = key or wire.new_key()
@@ -130,8 +132,10 @@ def start_coordinator(
     address = f"{_reachable_host(host)}:{bound}"
     coordinator = Coordinator(
         model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
-        resources=resources(max_memory, threads), pin=pin, n_ctx=n_ctx, max_sessions=max_sessions, threads=threads,
+        resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
+        max_sessions=max_sessions, threads=threads,
     )
+    coordinator.reprofile = reprofile
     pbg.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
     pbg.add_NodeServicer_to_server(coordinator.local, server)
     server.start()
@@ -151,6 +155,7 @@ class RunningNode:
     def __init__(
         self, *, coordinator: str | None, swarm: str, key: str, name: str, host: str, port: int,
         max_memory: int, pin: LayerRange | None, threads: int | None, mdns_interface: str | None,
+        reprofile: bool = False,
     ):
         self.swarm, self.key, self.name = swarm, key, name
         self.pin, self.max_memory, self.threads = pin, max_memory, threads
@@ -159,7 +164,7 @@ class RunningNode:
         self.coordinator_address: str | None = self._fixed_coordinator
         self._stub: pbg.CoordinatorStub | None = None
         self._channel: grpc.Channel | None = None
-        self.service = NodeService(key, fetcher=self._fetcher, threads=threads)
+        self.service = NodeService(key, fetcher=self._fetcher, threads=threads, reprofile=reprofile)
         self.server, self.port = _start_server(host, port, key)
         self.host = "" if host in ("", "0.0.0.0", "::") else _reachable_host(host)
         pbg.add_NodeServicer_to_server(self.service, self.server)
@@ -192,7 +197,8 @@ class RunningNode:
 
     def _join(self) -> None:
         request = pb.JoinRequest(
-            name=self.name, host=self.host, port=self.port, resources=resources(self.max_memory, self.threads),
+            name=self.name, host=self.host, port=self.port,
+            resources=resources(self.max_memory, self.threads, with_devices=True),
             has_pin=self.pin is not None, version=__version__,
         )
         if self.pin is not None:

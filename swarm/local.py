@@ -24,22 +24,31 @@ log = logging.getLogger(__name__)
 
 
 class LocalSwarm:
-    """A coordinator in this process and `nodes - 1` node processes on 127.0.0.1, all pinned."""
+    """A coordinator in this process and `nodes - 1` node processes on 127.0.0.1, pinned to an even split.
+
+    With `node_args` (one list of `swarm join` options per extra node) nothing is pinned unless those
+    options say so, and the planner decides; `max_memory` caps the coordinator.
+    """
 
     def __init__(self, model: Path, nodes: int = 3, threads: int | None = None, ctx: int = 2048,
-                 max_sessions: int = 4, ready_timeout: float = 300.0, node_env: dict | None = None):
-        ranges = split_evenly(model_layer_count(read_gguf(model)), nodes)
+                 max_sessions: int = 4, ready_timeout: float = 300.0, node_env: dict | None = None,
+                 node_args: list[list[str]] | None = None, max_memory: int = 0):
+        if node_args is None:
+            ranges = split_evenly(model_layer_count(read_gguf(model)), nodes)
+            pin, node_args = ranges[0], [["--layers", str(r)] for r in ranges[1:]]
+        else:
+            pin = None
         self.log_dir = cache.subdir("logs")
         self.procs: list[subprocess.Popen] = []
         self.running = join.start_coordinator(
-            model, swarm=f"local-{os.getpid()}", host="127.0.0.1", port=0, pin=ranges[0], threads=threads,
-            n_ctx=ctx, max_sessions=max_sessions, mdns_interface="off", name="coordinator",
+            model, swarm=f"local-{os.getpid()}", host="127.0.0.1", port=0, pin=pin, threads=threads,
+            n_ctx=ctx, max_sessions=max_sessions, mdns_interface="off", name="coordinator", max_memory=max_memory,
         )
         try:
-            for i, r in enumerate(ranges[1:], start=1):
+            for i, extra in enumerate(node_args, start=1):
                 cmd = [sys.executable, "-m", "swarm.cli", "join", "--coordinator", self.running.address,
-                       "--host", "127.0.0.1", "--layers", str(r), "--mdns-interface", "off", "--name", f"node{i}"]
-                if threads:
+                       "--host", "127.0.0.1", "--mdns-interface", "off", "--name", f"node{i}", *extra]
+                if threads and "--threads" not in extra:
                     cmd += ["--threads", str(threads)]
                 env = dict(os.environ, SWARM_KEY=self.running.key, **(node_env or {}))
                 with open(self.log_dir / f"local-node{i}.log", "wb") as out:
@@ -54,8 +63,8 @@ class LocalSwarm:
         deadline = time.monotonic() + timeout
         while True:
             status = self.client.status()
-            if status["state"] == "ready":
-                return
+            if status["state"] == "ready" and len(status["nodes"]) == 1 + len(self.procs):
+                return  # every node joined, measured, and the plan for all of them is loaded
             dead = [i + 1 for i, p in enumerate(self.procs) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 why = f"node process(es) {dead} exited" if dead else f"not ready after {timeout:.0f} s"

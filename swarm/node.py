@@ -33,6 +33,7 @@ _MAX_SESSIONS = 256
 # A session nobody has stepped for this long was abandoned (its coordinator crashed or lost the
 # network before closing it); its KV sequence is freed when a new session needs room.
 SESSION_IDLE_S = 600.0
+_MAX_PING = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,14 @@ class NodeService(pbg.NodeServicer):
         threads: int | None = None,
         shard_dir: Path | None = None,
         progress: bool = True,
+        reprofile: bool = False,
     ):
         self._key = key
         self._fetcher = fetcher
         self._threads = threads
         self._shard_dir = shard_dir
         self._progress = progress
+        self._reprofile = reprofile  # measure compute again once, ignoring the cache (--reprofile)
         self._loaded: LoadedShard | None = None
         self._assign_lock = threading.Lock()
         self._samplers: dict[str, Sampler] = {}
@@ -120,6 +123,55 @@ class NodeService(pbg.NodeServicer):
             log.info("serving layers %s (%s; %.1f s to %s)", shard.layers, shard.role.value, load_s,
                      "fetch and load" if fetched else "load")
             return pb.AssignReply(fetched=fetched, load_s=load_s)
+
+    # ------------------------------------------------------------ measurement
+
+    @wire.served
+    def Probe(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
+        return self.probe(request)
+
+    def probe(self, request: pb.ProbeRequest) -> pb.ProbeReply:
+        """Measure this node's compute on the given middle slices of the model (cached)."""
+        from .engine import default_threads
+        from .profiling import cached_compute, measure_compute
+
+        if not 1 <= len(request.shards) <= 4:
+            raise BadInputError("a probe takes 1 to 4 shards")
+        steps, tokens = int(request.decode_steps or 24), int(request.prefill_tokens or 128)
+        if not (1 <= steps <= 256 and 1 <= tokens <= 512):
+            raise BadInputError("a probe runs 1 to 256 decode steps and 1 to 512 prompt tokens")
+        if self._fetcher is None:
+            raise NotReadyError("this node has no coordinator to fetch probe shards from")
+        dest = self._shard_dir or cache.subdir("shards")
+        with self._assign_lock:  # one measurement at a time, and not while a shard is being loaded
+            paths = [fetch_shard(self._fetcher(), spec, dest, progress=False)[0] for spec in request.shards]
+            threads = self._threads or default_threads()
+            profile, cached = cached_compute(
+                [s.shard_id for s in request.shards], threads,
+                lambda: measure_compute(paths, self._threads, steps, tokens), refresh=request.refresh or self._reprofile,
+            )
+            self._reprofile = False
+        return pb.ProbeReply(decode_s_per_byte=profile.decode_s_per_byte, prefill_s_per_byte=profile.prefill_s_per_byte,
+                             step_overhead_s=profile.step_overhead_s, cached=cached)
+
+    @wire.served
+    def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        if request.reply_bytes > _MAX_PING:
+            raise BadInputError(f"a ping reply is at most {_MAX_PING} bytes")
+        return pb.PingReply(payload=bytes(request.reply_bytes))
+
+    @wire.served
+    def MeasureLink(self, request: pb.LinkRequest, context) -> pb.LinkReply:
+        from .profiling import measure_link
+
+        if not (0 < request.payload_bytes <= _MAX_PING and 0 < request.count <= 64):
+            raise BadInputError(f"a link measurement sends 1 to {_MAX_PING} bytes, 1 to 64 times")
+        stub = self._stub(request.address)
+        try:
+            rtt, bw = measure_link(lambda r: stub.Ping(r, timeout=10.0), request.payload_bytes, request.count)
+        except grpc.RpcError as e:
+            raise PeerError(f"could not measure the link to {request.address}: {e.details()}") from None
+        return pb.LinkReply(rtt_s=rtt, bandwidth_bps=bw)
 
     def _unload(self) -> None:
         loaded, self._loaded = self._loaded, None

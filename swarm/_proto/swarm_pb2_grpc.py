@@ -355,6 +355,21 @@ class NodeStub:
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=swarm_dot___proto_dot_swarm__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/swarm.v1.Node/Probe',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.ProbeReply.FromString,
+                _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/swarm.v1.Node/Ping',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.PingRequest.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.PingReply.FromString,
+                _registered_method=True)
+        self.MeasureLink = channel.unary_unary(
+                '/swarm.v1.Node/MeasureLink',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.LinkRequest.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.LinkReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -389,6 +404,27 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Measure this node's compute on slices of the real model (cached per device and model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ping(self, request, context):
+        """Echo, for round-trip time and bandwidth.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MeasureLink(self, request, context):
+        """Measure the link from this node to another one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -411,6 +447,21 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=swarm_dot___proto_dot_swarm__pb2.ForwardRequest.FromString,
                     response_serializer=swarm_dot___proto_dot_swarm__pb2.ForwardReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.ProbeRequest.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.ProbeReply.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.PingRequest.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.PingReply.SerializeToString,
+            ),
+            'MeasureLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.MeasureLink,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.LinkRequest.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.LinkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -523,6 +574,87 @@ class Node:
             '/swarm.v1.Node/Forward',
             swarm_dot___proto_dot_swarm__pb2.ForwardRequest.SerializeToString,
             swarm_dot___proto_dot_swarm__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Node/Probe',
+            swarm_dot___proto_dot_swarm__pb2.ProbeRequest.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Node/Ping',
+            swarm_dot___proto_dot_swarm__pb2.PingRequest.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MeasureLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Node/MeasureLink',
+            swarm_dot___proto_dot_swarm__pb2.LinkRequest.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.LinkReply.FromString,
             options,
             channel_credentials,
             insecure,
