@@ -213,19 +213,23 @@ def _shortfall(gap: LayerRange, nodes: list[NodeSpec], cost: Cost) -> PlacementE
     )
 
 
+def check_fleet(ids: Sequence[str], n_ctx: int, max_sessions: int, n_batch: int) -> None:
+    """Refuse an empty fleet, repeated node ids and non-positive context settings."""
+    if not ids:
+        raise PlacementError("no nodes to place the model on; start at least one node")
+    if n_ctx < 1 or max_sessions < 1 or n_batch < 1:
+        raise PlacementError(f"n_ctx, max_sessions and n_batch must be positive: {n_ctx}, {max_sessions}, {n_batch}")
+    dupes = sorted({i for i in ids if list(ids).count(i) > 1})
+    if dupes:
+        raise PlacementError(f"node ids must be unique; {', '.join(dupes)} joined more than once")
+
+
 def plan(
     footprint: Footprint, nodes: Sequence[NodeSpec], n_ctx: int, max_sessions: int, n_batch: int = 512
 ) -> Plan:
     """Assign every layer to exactly one node; nodes are given in join order (the coordinator first)."""
     n_layer = footprint.n_layer
-    if not nodes:
-        raise PlacementError("no nodes to place the model on; start at least one node")
-    if n_ctx < 1 or max_sessions < 1 or n_batch < 1:
-        raise PlacementError(f"n_ctx, max_sessions and n_batch must be positive: {n_ctx}, {max_sessions}, {n_batch}")
-    ids = [n.node_id for n in nodes]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise PlacementError(f"node ids must be unique; {', '.join(dupes)} joined more than once")
+    check_fleet([n.node_id for n in nodes], n_ctx, max_sessions, n_batch)
     memo: dict[tuple[int, int], int] = {}
 
     def cost(a: int, b: int) -> int:

@@ -58,7 +58,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .layers import LayerRange
-from .placement import Assignment, Footprint, PlacementError
+from .placement import Assignment, Footprint, PlacementError, check_fleet
 
 Links = Mapping[tuple[str, str], tuple[float, float]]
 
@@ -694,14 +694,7 @@ def _greedy_reach(inst: _Instance) -> tuple[int, int]:
 
 
 def _validate(fp, profiles, n_ctx, max_sessions, n_batch) -> list[NodeProfile]:
-    if not profiles:
-        raise PlacementError("no nodes to place the model on; start at least one node")
-    if n_ctx < 1 or max_sessions < 1 or n_batch < 1:
-        raise PlacementError(f"n_ctx, max_sessions and n_batch must be positive: {n_ctx}, {max_sessions}, {n_batch}")
-    ids = [p.node_id for p in profiles]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise PlacementError(f"node ids must be unique; {', '.join(dupes)} joined more than once")
+    check_fleet([p.node_id for p in profiles], n_ctx, max_sessions, n_batch)
     coords = sorted(p.node_id for p in profiles if p.is_coordinator)
     if len(coords) > 1:
         raise PlacementError(
