@@ -275,9 +275,9 @@ class Coordinator:
         todo = [m for m in members if m.compute is None]
         if not todo:
             return
-        k = min(4, self.n_layer - 2)
+        k = min(6, self.n_layer - 2)
         probe = pb.ProbeRequest(shards=[self._shard_spec(LayerRange(1, 2)), self._shard_spec(LayerRange(1, 1 + k))],
-                                decode_steps=24, prefill_tokens=128)
+                                decode_steps=32, prefill_tokens=128)
 
         def one(m: Member) -> None:
             request = pb.ProbeRequest()
@@ -302,15 +302,15 @@ class Coordinator:
 
         with self._cond:
             self._detail = "measuring " + ", ".join(m.name for m in todo)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(todo)) as pool:
-            futures = {m.node_id: pool.submit(one, m) for m in todo}
-            failed = []
-            for m in todo:
-                try:
-                    futures[m.node_id].result()
-                except SwarmError as e:
-                    m.state, m.detail, m.excluded = "failed", f"could not be measured: {e}", True
-                    failed.append(f"{m.name}: {e}")
+        failed = []
+        # One node at a time: nodes that share a machine (a local swarm, or two nodes on one box)
+        # would otherwise measure each other's load instead of their own speed.
+        for m in todo:
+            try:
+                one(m)
+            except SwarmError as e:
+                m.state, m.detail, m.excluded = "failed", f"could not be measured: {e}", True
+                failed.append(f"{m.name}: {e}")
         if failed:
             with self._cond:
                 self._dirty = True
