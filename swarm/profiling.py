@@ -96,16 +96,23 @@ def measure_compute(paths: Sequence[Path], threads: int | None, decode_steps: in
             shard.open_session("warm")
             shard.forward("warm", zeros[:8])
             shard.drop_session("warm")
-            shard.open_session("p")
-            t0 = time.perf_counter()
-            shard.forward("p", zeros)
-            prefill.append(time.perf_counter() - t0)
-            steps = []
-            for _ in range(decode_steps):
-                t = time.perf_counter()
-                shard.forward("p", zeros[:1])
-                steps.append(time.perf_counter() - t)
-            decode.append(statistics.median(steps))
+            # Two rounds, keeping the faster: a burst of other load on the machine (a shared host,
+            # another node starting) should not be mistaken for this node's speed.
+            rounds_prefill, rounds_decode = [], []
+            for r in range(2):
+                shard.open_session(f"p{r}")
+                t0 = time.perf_counter()
+                shard.forward(f"p{r}", zeros)
+                rounds_prefill.append(time.perf_counter() - t0)
+                steps = []
+                for _ in range(decode_steps):
+                    t = time.perf_counter()
+                    shard.forward(f"p{r}", zeros[:1])
+                    steps.append(time.perf_counter() - t)
+                rounds_decode.append(statistics.median(steps))
+                shard.drop_session(f"p{r}")
+            prefill.append(min(rounds_prefill))
+            decode.append(min(rounds_decode))
         sizes.append(weight_bytes(path))
     overhead, per_byte = _fit(sizes, decode)
     _, prefill_per_byte = _fit(sizes, prefill)
