@@ -164,8 +164,9 @@ class NodeService(pbg.NodeServicer):
     def MeasureLink(self, request: pb.LinkRequest, context) -> pb.LinkReply:
         from .profiling import measure_link
 
-        if not (0 < request.payload_bytes <= _MAX_PING and 0 < request.count <= 64):
-            raise BadInputError(f"a link measurement sends 1 to {_MAX_PING} bytes, 1 to 64 times")
+        # Small bounds: a keyed peer should not be able to turn this node into a traffic source.
+        if not (0 < request.payload_bytes <= 1 << 16 and 0 < request.count <= 32):
+            raise BadInputError("a link measurement sends 1 to 65536 bytes, 1 to 32 times")
         stub = self._stub(request.address)
         try:
             rtt, bw = measure_link(lambda r: stub.Ping(r, timeout=10.0), request.payload_bytes, request.count)
