@@ -265,16 +265,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{name:<16} {n['address']:<22} {layers:<8} {n['state']:<8} "
               f"{int(r['memory_available']) >> 20:>8}/{int(r['memory_total']) >> 20:<6} MB {cap:>8} {r['threads']:>7}")
     print("(c) coordinator, * pinned with --layers")
-    print("\nmeasured (per node: decode cost per byte of weights, fixed cost per step, round trip to the coordinator):")
+    print("\nmeasured (decode and prefill cost per byte of weights, fixed cost per step, link to the coordinator):")
     for n in status["nodes"]:
         p = n.get("profile") or {}
-        if not p:
-            continue
         devices = ", ".join(f"{d['name']} ({d['type']})" for d in n["resources"].get("devices", []))
-        print(f"  {n['name']:<14} {p['decode_ns_per_byte']:.2f} ns/byte, {p['step_overhead_ms']:.2f} ms/step, "
-              f"rtt {p['rtt_ms']:.2f} ms{', cached' if p['cached'] else ''}; {devices}")
-        if p.get("reason"):
-            print(f"  {'':<14} {p['reason']}")
+        if p:
+            bw = f"{p['bandwidth_mbps']:.0f} MB/s" if p["bandwidth_mbps"] else "local"
+            print(f"  {n['name']:<14} decode {p['decode_ns_per_byte']:.2f} ns/byte, prefill "
+                  f"{p['prefill_ns_per_byte']:.3f} ns/byte/token, {p['step_overhead_ms']:.2f} ms/step, "
+                  f"rtt {p['rtt_ms']:.2f} ms, {bw}{', cached' if p['cached'] else ''}; {devices}")
+            if p.get("reason"):
+                print(f"  {'':<14} {p['reason']}")
+        else:
+            print(f"  {n['name']:<14} not measured yet; {devices}")
+        if n.get("detail"):
+            print(f"  {'':<14} {n['detail']}")
     if status["predicted_decode_tps"]:
         measured = (f"{status['measured_decode_tps']:.1f} measured over {status['measured_sessions']} session(s)"
                     if status["measured_sessions"] else "not measured yet")

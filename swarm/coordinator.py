@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 LOST_AFTER_S = 3.5  # three missed heartbeats and a margin
+RETRY_S = 30.0  # a node that failed to be measured or to load is planned for again after this
+PROBE_TIMEOUT_S = 600.0  # fetching the probe slices and timing them
 ASSIGN_TIMEOUT_S = 1800.0  # fetching a multi-GB shard over Wi-Fi takes a while
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 1024
@@ -60,7 +62,7 @@ class Member:
     layers: LayerRange | None = None
     state: str = "joining"
     detail: str = ""
-    excluded: bool = False  # failed to load its shard: left out of plans until it joins again
+    excluded_until: float = 0.0  # failed to be measured or to load: left out of plans until then
     compute: ComputeProfile | None = None  # measured by a probe when it joined
     profile_cached: bool = False
     rtt_s: float = 0.0  # to the coordinator
@@ -114,11 +116,14 @@ class Coordinator:
         n_batch: int = 512,
         threads: int | None = None,
         default_max_tokens: int = 256,
+        reprofile: bool = False,
     ):
         self.model_path = Path(model_path)
         self.swarm, self.key = swarm, key
         model = read_gguf(self.model_path)
         self.n_layer = model_layer_count(model)
+        if self.n_layer < 3:
+            raise BadInputError(f"{self.model_path.name} has {self.n_layer} layers; a swarm needs a model of at least 3")
         self.footprint = placement.footprint(model)
         if pin is not None:
             pin.check_within(self.n_layer)
@@ -142,7 +147,7 @@ class Coordinator:
         self._links: dict[tuple[str, str], tuple[float, float]] = {}
         self._prediction: planner.Prediction | None = None
         self._measured: collections.deque[float] = collections.deque(maxlen=20)
-        self.reprofile = False
+        self.reprofile = reprofile
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._plan_loop, name="planner", daemon=True),
@@ -218,6 +223,11 @@ class Coordinator:
         while not self._stop.wait(HEARTBEAT_S / 2):
             now = time.monotonic()
             with self._cond:
+                for m in self._members.values():
+                    if m.excluded_until and m.excluded_until <= now:
+                        m.excluded_until, m.compute = 0.0, None  # measure it again from scratch
+                        self._dirty = True
+                        self._cond.notify_all()
                 for m in list(self._members.values()):
                     if not m.is_self and now - m.last_seen > LOST_AFTER_S:
                         del self._members[m.node_id]
@@ -227,6 +237,20 @@ class Coordinator:
 
     def _plan_loop(self) -> None:
         while not self._stop.is_set():
+            with self._cond:
+                while not self._stop.is_set() and not self._dirty:
+                    self._cond.wait(0.5)
+                if self._stop.is_set():
+                    return
+                now = time.monotonic()
+                members = [m for m in self._members.values() if m.excluded_until <= now]
+            try:
+                # Newcomers are measured while the current route keeps serving.
+                self._measure(members)
+            except SwarmError as e:
+                log.warning("%s", e)
+            except Exception:
+                log.exception("measuring nodes failed")
             with self._cond:
                 # Re-plan only between sessions: a running session keeps the route it started with.
                 while not self._stop.is_set() and not (self._dirty and not self._sessions):
@@ -241,7 +265,8 @@ class Coordinator:
             with self._cond:
                 if self._dirty:
                     continue
-                members = [m for m in self._members.values() if not m.excluded]
+                now = time.monotonic()
+                members = [m for m in self._members.values() if m.excluded_until <= now]
             try:
                 self._apply(members)
             except Exception as e:  # the planner must survive anything, or the swarm never serves again
@@ -275,9 +300,15 @@ class Coordinator:
         todo = [m for m in members if m.compute is None]
         if not todo:
             return
-        k = min(6, self.n_layer - 2)
-        probe = pb.ProbeRequest(shards=[self._shard_spec(LayerRange(1, 2)), self._shard_spec(LayerRange(1, 1 + k))],
-                                decode_steps=32, prefill_tokens=128)
+        # Two middle slices: one layer, and as many more (up to 6) as fit a small budget, so that a
+        # big model's probe stays far below any node's memory (a 70B layer alone is ~0.5 GB).
+        budget = min(256 << 20, min(m.usable_memory() for m in todo) // 8)
+        k, size = 1, self.footprint.layer_bytes[1]
+        while k < min(6, self.n_layer - 2) and size + self.footprint.layer_bytes[1 + k] <= budget:
+            size += self.footprint.layer_bytes[1 + k]
+            k += 1
+        ranges = [LayerRange(1, 2)] + ([LayerRange(1, 1 + k)] if k > 1 else [])
+        probe = pb.ProbeRequest(shards=[self._shard_spec(r) for r in ranges], decode_steps=32, prefill_tokens=128)
 
         def one(m: Member) -> None:
             request = pb.ProbeRequest()
@@ -289,7 +320,7 @@ class Coordinator:
             else:
                 stub = self._stub(m.address)
                 try:
-                    reply = stub.Probe(request, timeout=ASSIGN_TIMEOUT_S)
+                    reply = stub.Probe(request, timeout=PROBE_TIMEOUT_S)
                     m.rtt_s, m.bandwidth_bps = measure_link(lambda r: stub.Ping(r, timeout=10.0),
                                                             self.footprint.n_embd * 4)
                 except grpc.RpcError as e:
@@ -309,7 +340,8 @@ class Coordinator:
             try:
                 one(m)
             except SwarmError as e:
-                m.state, m.detail, m.excluded = "failed", f"could not be measured: {e}", True
+                m.state, m.detail = "failed", f"could not be measured: {e}; trying again in {RETRY_S:.0f} s"
+                m.excluded_until = time.monotonic() + RETRY_S
                 failed.append(f"{m.name}: {e}")
         if failed:
             with self._cond:
@@ -328,7 +360,7 @@ class Coordinator:
         ]
 
     def _apply(self, members: list[Member]) -> None:
-        self._measure(members)
+        self._measure(members)  # anyone who joined since the measuring pass
         current = {m.node_id: m.layers for m in members if m.layers is not None}
         plan = planner.plan_measured(self.footprint, self._profiles(members), self.n_ctx, self.max_sessions,
                                      self.n_batch, links=dict(self._links), current=current)
@@ -361,9 +393,9 @@ class Coordinator:
                     failed.append(f"{m.name}: {e}")
         if failed:
             with self._cond:
-                for m in members:  # leave failed nodes out of plans until they join again
+                for m in members:  # leave failed nodes out of plans for a while, then try them again
                     if m.state == "failed":
-                        m.excluded = True
+                        m.excluded_until = time.monotonic() + RETRY_S
                 self._dirty = True
             raise NotReadyError("some nodes could not load their shards; re-planning without them: " + "; ".join(failed))
         route = tuple(
@@ -387,7 +419,8 @@ class Coordinator:
                 continue  # a link from here is the node's own, measured when it joined
             try:
                 reply = self._stub(a.address).MeasureLink(
-                    pb.LinkRequest(address=b.address, payload_bytes=self.footprint.n_embd * 4, count=8), timeout=60.0)
+                    pb.LinkRequest(address=b.address, payload_bytes=min(self.footprint.n_embd * 4, 1 << 16), count=8),
+                    timeout=60.0)
                 self._links[(a.node_id, b.node_id)] = (reply.rtt_s, reply.bandwidth_bps)
             except grpc.RpcError as e:
                 log.warning("could not measure the link %s -> %s: %s", a.address, b.address, e.details())

@@ -133,9 +133,8 @@ def start_coordinator(
     coordinator = Coordinator(
         model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
         resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
-        max_sessions=max_sessions, threads=threads,
+        max_sessions=max_sessions, threads=threads, reprofile=reprofile,
     )
-    coordinator.reprofile = reprofile
     pbg.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
     pbg.add_NodeServicer_to_server(coordinator.local, server)
     server.start()

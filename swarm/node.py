@@ -142,13 +142,18 @@ class NodeService(pbg.NodeServicer):
             raise BadInputError("a probe runs 1 to 256 decode steps and 1 to 512 prompt tokens")
         if self._fetcher is None:
             raise NotReadyError("this node has no coordinator to fetch probe shards from")
+        if self.sessions():
+            raise NotReadyError("this node is serving sessions; measure it between sessions")
         dest = self._shard_dir or cache.subdir("shards")
-        with self._assign_lock:  # one measurement at a time, and not while a shard is being loaded
+
+        def measure():  # only when the cache has no answer: fetching the slices is the slow part
             paths = [fetch_shard(self._fetcher(), spec, dest, progress=False)[0] for spec in request.shards]
-            threads = self._threads or default_threads()
+            return measure_compute(paths, self._threads, steps, tokens)
+
+        with self._assign_lock:  # one measurement at a time, and not while a shard is being loaded
             profile, cached = cached_compute(
-                [s.shard_id for s in request.shards], threads,
-                lambda: measure_compute(paths, self._threads, steps, tokens), refresh=request.refresh or self._reprofile,
+                [s.shard_id for s in request.shards], self._threads or default_threads(), measure,
+                refresh=request.refresh or self._reprofile, params=(steps, tokens),
             )
             self._reprofile = False
         return pb.ProbeReply(decode_s_per_byte=profile.decode_s_per_byte, prefill_s_per_byte=profile.prefill_s_per_byte,
@@ -167,11 +172,13 @@ class NodeService(pbg.NodeServicer):
         # Small bounds: a keyed peer should not be able to turn this node into a traffic source.
         if not (0 < request.payload_bytes <= 1 << 16 and 0 < request.count <= 32):
             raise BadInputError("a link measurement sends 1 to 65536 bytes, 1 to 32 times")
-        stub = self._stub(request.address)
-        try:
-            rtt, bw = measure_link(lambda r: stub.Ping(r, timeout=10.0), request.payload_bytes, request.count)
-        except grpc.RpcError as e:
-            raise PeerError(f"could not measure the link to {request.address}: {e.details()}") from None
+        # A channel of its own, closed afterwards: measuring must not leave connections behind.
+        with wire.channel(wire.check_address(request.address), self._key) as ch:
+            stub = pbg.NodeStub(ch)
+            try:
+                rtt, bw = measure_link(lambda r: stub.Ping(r, timeout=2.0), request.payload_bytes, request.count)
+            except grpc.RpcError as e:
+                raise PeerError(f"could not measure the link to {request.address}: {e.details()}") from None
         return pb.LinkReply(rtt_s=rtt, bandwidth_bps=bw)
 
     def _unload(self) -> None:

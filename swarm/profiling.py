@@ -13,6 +13,8 @@ import ctypes
 import hashlib
 import json
 import logging
+import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +40,12 @@ def devices() -> list[pb.Device]:
         from .engine import _llama
 
         _llama()  # loads the backends
-        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+        libdir = Path(llama_cpp.__file__).parent / "lib"
+        found = sorted(libdir.glob("libggml.so")) + sorted(libdir.glob("libggml.dylib")) + sorted(libdir.glob("ggml.dll"))
+        if not found:
+            log.debug("no ggml library in %s; no device list", libdir)
+            return []
+        lib = ctypes.CDLL(str(found[0]))
         lib.ggml_backend_dev_count.restype = ctypes.c_size_t
         lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
         lib.ggml_backend_dev_get.restype = ctypes.c_void_p
@@ -119,10 +126,25 @@ def measure_compute(paths: Sequence[Path], threads: int | None, decode_steps: in
     return ComputeProfile(per_byte, prefill_per_byte / prefill_tokens, overhead)
 
 
+def machine_fingerprint() -> str:
+    """What identifies this device's speed: CPU model and count, and llama.cpp's devices."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devs = [(d.name, d.type, d.memory_total) for d in devices()]
+    return json.dumps([cpu, os.cpu_count(), devs])
+
+
 def cached_compute(shard_ids: Sequence[str], threads: int, measure: Callable[[], ComputeProfile],
-                   refresh: bool = False) -> tuple[ComputeProfile, bool]:
-    """A node's compute profile for these probe shards and threads, from the cache unless `refresh`."""
-    key = hashlib.sha256(json.dumps([list(shard_ids), threads, __version__]).encode()).hexdigest()[:24]
+                   refresh: bool = False, params: tuple = ()) -> tuple[ComputeProfile, bool]:
+    """A node's compute profile for these probe shards, threads and device, from the cache unless `refresh`."""
+    key = hashlib.sha256(json.dumps(
+        [list(shard_ids), threads, list(params), machine_fingerprint(), __version__]).encode()).hexdigest()[:24]
     path = cache.subdir("profiles") / f"{key}.json"
     if not refresh:
         try:
@@ -135,7 +157,7 @@ def cached_compute(shard_ids: Sequence[str], threads: int, measure: Callable[[],
 
 
 def measure_link(ping: Callable[[pb.PingRequest], object], hidden_bytes: int, count: int = 8,
-                 gap_s: float = 0.01, bulk_bytes: int = 1 << 20) -> tuple[float, float]:
+                 gap_s: float = 0.01, bulk_bytes: int = 1 << 20) -> tuple[float, float]:  # ~3 MiB sent in all
     """(round-trip seconds with a hidden-state payload, bandwidth in bytes/s) of one link."""
     small = pb.PingRequest(payload=bytes(hidden_bytes), reply_bytes=8)
     ping(small)  # connect

@@ -12,11 +12,11 @@ KEY = "measure-key"
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, model_path):
-    """A coordinator capped at 300 MB and a 2-thread node capped at 330 MB (neither holds the model alone),
-    and an uncapped 1-thread node (it could, slowly)."""
+    """A coordinator and a 2-thread node, each capped at 300 MB (neither holds the model alone: it needs
+    ~340 MB), and an uncapped 1-thread node (it could, slowly)."""
     tmp = tmp_path_factory.mktemp("mixed")
     swarm = Swarm(tmp, model_path, ["--max-memory", "300MB", "--max-sessions", "2", "--threads", "2"],
-                  [["--threads", "2", "--max-memory", "330MB", "--name", "fast"], ["--threads", "1", "--name", "slow"]], key=KEY)
+                  [["--threads", "2", "--max-memory", "300MB", "--name", "fast"], ["--threads", "1", "--name", "slow"]], key=KEY)
     try:
         swarm.wait_ready()
         yield swarm
@@ -31,7 +31,7 @@ def _wait_all(swarm, n: int) -> dict:
     while time.monotonic() < deadline:
         status = swarm.client.status()
         if status["state"] == "ready" and len(status["nodes"]) == n and all(
-                nd["profile"]["decode_ns_per_byte"] > 0 for nd in status["nodes"]):
+                nd.get("profile", {}).get("decode_ns_per_byte", 0) > 0 for nd in status["nodes"]):
             return status
         time.sleep(0.5)
     raise AssertionError(status)
@@ -61,7 +61,7 @@ def test_nodes_are_measured_and_the_faster_node_gets_more(mixed, model_path):
         assert ("left out" in why[name]) == (held[name] == 0), (name, why[name])
     # The capped nodes stay within their caps by the planner's own estimate.
     fp = footprint(read_gguf(model_path))
-    for name, cap in (("coord", 300), ("fast", 330)):
+    for name, cap in (("coord", 300), ("fast", 300)):
         n = by_name[name]
         if n["has_layers"]:
             assert fp.shard_bytes(LayerRange(n["layers"]["start"], n["layers"]["end"]), 512, 2) <= cap << 20
