@@ -7,8 +7,11 @@ step by step. Hidden states flow node to node; only token ids come back here.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import functools
 import itertools
+import statistics
 import logging
 import threading
 import time
@@ -19,12 +22,12 @@ from typing import Callable, Iterator
 
 import grpc
 
-from . import placement, wire
+from . import placement, planner, wire
 from .cache import file_digest
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
 from .engine import Tokenizer
-from .errors import BadInputError, NotReadyError, PeerError, ShardRangeError, SwarmError
+from .errors import BadInputError, NotReadyError, ShardRangeError, SwarmError
 from .gguf_file import read_gguf
 from .layers import LayerRange
 from .node import FORWARD_TIMEOUT_S, NodeService
@@ -33,9 +36,6 @@ from .slicing import model_layer_count, slice_model
 from .textstream import TextStream, check_stops
 from .transfer import fault_chunks_from_env, iter_chunks
 from .profiling import ComputeProfile, measure_link
-from . import planner
-import collections
-import statistics
 
 log = logging.getLogger(__name__)
 
@@ -588,8 +588,8 @@ class Coordinator:
     def _step(self, route, sid: str, tokens: list[int], start: int, sample: bool) -> pb.ForwardReply:
         first = route[0]
         request = pb.ForwardRequest(
-            session_id=sid, start=start, n_positions=len(tokens), tokens=tokens, layers=wire.span(first.layers),
-            next=[pb.Hop(address=h.address, layers=wire.span(h.layers)) for h in route[1:]], sample=sample,
+            session_id=sid, start=start, n_positions=len(tokens), tokens=tokens, layers=_spans(route)[0],
+            next=_spans(route)[1], sample=sample,
         )
         return self._call(first, "Forward", request)
 
@@ -657,6 +657,12 @@ class Coordinator:
             ch.close()
         self.local.close()
         self.tokenizer.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _spans(route: tuple[RouteHop, ...]) -> tuple[pb.LayerSpan, list[pb.Hop]]:
+    """A route's wire form, built once per route rather than once per token."""
+    return wire.span(route[0].layers), [pb.Hop(address=h.address, layers=wire.span(h.layers)) for h in route[1:]]
 
 
 def _add_timings(totals: pb.StepTimings, reply: pb.ForwardReply, wall_s: float) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from . import __version__, cache, discovery, profiling, wire
+from . import __version__, discovery, profiling, wire
 from .cache import key_file
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg

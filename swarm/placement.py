@@ -224,19 +224,11 @@ def check_fleet(ids: Sequence[str], n_ctx: int, max_sessions: int, n_batch: int)
         raise PlacementError(f"node ids must be unique; {', '.join(dupes)} joined more than once")
 
 
-def plan(
-    footprint: Footprint, nodes: Sequence[NodeSpec], n_ctx: int, max_sessions: int, n_batch: int = 512
-) -> Plan:
-    """Assign every layer to exactly one node; nodes are given in join order (the coordinator first)."""
-    n_layer = footprint.n_layer
-    check_fleet([n.node_id for n in nodes], n_ctx, max_sessions, n_batch)
-    memo: dict[tuple[int, int], int] = {}
+def check_pins(nodes: Sequence, n_layer: int, need: Callable[[int, int], int]) -> list:
+    """The pinned nodes in layer order, after refusing pins outside the model, overlapping, or too big.
 
-    def cost(a: int, b: int) -> int:
-        if (a, b) not in memo:
-            memo[(a, b)] = footprint.shard_bytes(LayerRange(a, b), n_ctx, max_sessions, n_batch)
-        return memo[(a, b)]
-
+    `nodes` have node_id, pin and memory; `need(start, end)` is the memory a shard of that range needs.
+    """
     pinned = sorted((n for n in nodes if n.pin is not None), key=lambda n: n.pin)
     for n in pinned:
         if n.pin.end > n_layer:
@@ -251,12 +243,29 @@ def plan(
                 "every layer must belong to one node, so change one of the --layers ranges"
             )
     for n in pinned:
-        need = cost(n.pin.start, n.pin.end)
-        if need > n.memory:
+        size = need(n.pin.start, n.pin.end)
+        if size > n.memory:
             raise PlacementError(
-                f"node {n.node_id} is pinned to layers {n.pin}, which need about {_mb(need)}, but it has "
+                f"node {n.node_id} is pinned to layers {n.pin}, which need about {_mb(size)}, but it has "
                 f"{_mb(n.memory)}; pin fewer layers or raise its --max-memory"
             )
+    return pinned
+
+
+def plan(
+    footprint: Footprint, nodes: Sequence[NodeSpec], n_ctx: int, max_sessions: int, n_batch: int = 512
+) -> Plan:
+    """Assign every layer to exactly one node; nodes are given in join order (the coordinator first)."""
+    n_layer = footprint.n_layer
+    check_fleet([n.node_id for n in nodes], n_ctx, max_sessions, n_batch)
+    memo: dict[tuple[int, int], int] = {}
+
+    def cost(a: int, b: int) -> int:
+        if (a, b) not in memo:
+            memo[(a, b)] = footprint.shard_bytes(LayerRange(a, b), n_ctx, max_sessions, n_batch)
+        return memo[(a, b)]
+
+    pinned = check_pins(nodes, n_layer, cost)
 
     gaps, q = [], 0  # maximal runs of layers no pin covers
     for start, end in [(n.pin.start, n.pin.end) for n in pinned] + [(n_layer, n_layer)]:

@@ -52,13 +52,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from types import MappingProxyType
 
 import numpy as np
 
 from .layers import LayerRange
-from .placement import Assignment, Footprint, PlacementError, check_fleet
+from .placement import Assignment, Footprint, PlacementError, check_fleet, check_pins
 
 Links = Mapping[tuple[str, str], tuple[float, float]]
 
@@ -704,26 +703,7 @@ def _validate(fp, profiles, n_ctx, max_sessions, n_batch) -> list[NodeProfile]:
         _check_profile(p)
     nodes = sorted(profiles, key=lambda p: p.node_id)  # canonical order: input order cannot matter
     L = fp.n_layer
-    pinned = sorted((p for p in nodes if p.pin is not None), key=lambda p: p.pin)
-    for p in pinned:
-        if p.pin.end > L:
-            raise PlacementError(
-                f"node {p.node_id} is pinned to layers {p.pin}, outside the model, which has {L} layers; "
-                f"pin a range within 0:{L}"
-            )
-    for a, b in pairwise(pinned):
-        if b.pin.start < a.pin.end:
-            raise PlacementError(
-                f"pinned ranges overlap: node {a.node_id} has {a.pin} and node {b.node_id} has {b.pin}; "
-                "every layer must belong to one node, so change one of the --layers ranges"
-            )
-    for p in pinned:
-        need = fp.shard_bytes(p.pin, n_ctx, max_sessions, n_batch)
-        if need > p.memory:
-            raise PlacementError(
-                f"node {p.node_id} is pinned to layers {p.pin}, which need about {_mb(need)}, but it has "
-                f"{_mb(p.memory)}; pin fewer layers or raise its --max-memory"
-            )
+    check_pins(nodes, L, lambda a, b: fp.shard_bytes(LayerRange(a, b), n_ctx, max_sessions, n_batch))
     return nodes
 
 

@@ -152,13 +152,8 @@ def served(method: Callable) -> Callable:
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except SwarmError as e:
-            context.abort(code_for(e), str(e))
-        except grpc.RpcError as e:  # a downstream call failed: pass its status on
-            context.abort(e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE, _details(e))
-        except Exception as e:  # a bug; the node keeps serving
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        except Exception as e:
+            _abort(context, e, method.__name__)
 
     return wrapper
 
@@ -170,15 +165,20 @@ def served_stream(method: Callable) -> Callable:
     def wrapper(self, request, context):
         try:
             yield from method(self, request, context)
-        except SwarmError as e:
-            context.abort(code_for(e), str(e))
-        except grpc.RpcError as e:
-            context.abort(e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE, _details(e))
         except Exception as e:
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            _abort(context, e, method.__name__)
 
     return wrapper
+
+
+def _abort(context, e: Exception, name: str) -> None:
+    """End a call with the status `e` stands for; raises, as context.abort does."""
+    if isinstance(e, SwarmError):
+        context.abort(code_for(e), str(e))
+    if isinstance(e, grpc.RpcError):  # a downstream call failed: pass its status on
+        context.abort(e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE, _details(e))
+    log.exception("%s failed", name)  # a bug; the node keeps serving
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
 
 def _details(e: grpc.RpcError) -> str:
