@@ -134,6 +134,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     pin = LayerRange.parse(args.layers) if args.layers else None
     max_memory = join.parse_size(args.max_memory) if args.max_memory else 0
+    leave_after_s = join.parse_duration(args.leave_after) if args.leave_after else None
     key = args.key or os.environ.get("SWARM_KEY")
     name = args.name or socket.gethostname()
     stop = threading.Event()
@@ -152,7 +153,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             resolve_model(args.model), swarm=args.swarm, key=key, name=name, host=args.host,
             port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
-            reprofile=args.reprofile,
+            reprofile=args.reprofile, failover=not args.no_failover,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
@@ -176,10 +177,18 @@ def cmd_join(args: argparse.Namespace) -> int:
     print(f"node {name} serving on port {node.port}; looking for the coordinator of swarm {args.swarm!r}"
           + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)
     sys.stderr.flush()
+    leave_at = time.monotonic() + leave_after_s if leave_after_s else None
     while not stop.wait(0.5):
         if node.wait(0):
             node.stop()
             return 1  # refused for good (wrong key, bad pin): the log said why
+        if leave_at is not None and time.monotonic() >= leave_at:
+            print(f"node {name}: --leave-after {args.leave_after} is up; handing over and leaving", file=sys.stderr)
+            break
+    # Ctrl-C, SIGTERM or --leave-after: hand the sessions over first (a second Ctrl-C leaves at once).
+    print(f"node {name}: leaving; handing its sessions over (Ctrl-C again to leave at once)", file=sys.stderr)
+    sys.stderr.flush()
+    node.leave()
     node.stop()
     return 0
 
@@ -260,11 +269,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         r = n["resources"]
         layers = f"{n['layers']['start']}:{n['layers']['end']}" if n["has_layers"] else "-"
         layers += "*" if n["pinned"] else ""
+        layers += "".join(f"+{e['start']}:{e['end']}" for e in n.get("extra_layers", []))
         cap = f"{int(r['max_memory']) >> 20} MB" if int(r["max_memory"]) else "-"
         name = n["name"] + (" (c)" if n["is_coordinator"] else "")
         print(f"{name:<16} {n['address']:<22} {layers:<8} {n['state']:<8} "
               f"{int(r['memory_available']) >> 20:>8}/{int(r['memory_total']) >> 20:<6} MB {cap:>8} {r['threads']:>7}")
-    print("(c) coordinator, * pinned with --layers")
+    print("(c) coordinator, * pinned with --layers, +A:B taken over from a node that failed or left")
     print("\nmeasured (decode and prefill cost per byte of weights, fixed cost per step, link to the coordinator):")
     for n in status["nodes"]:
         p = n.get("profile") or {}
@@ -286,6 +296,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"decode: {status['predicted_decode_tps']:.1f} tokens/s predicted, {measured}")
     for s in status["sessions"]:
         print(f"session {s['session_id']}: {s['positions']} positions, {s['generated']} generated, {s['age_s']:.0f} s")
+    for r in status.get("recoveries", []):
+        when = time.strftime("%H:%M:%S", time.localtime(r["at_unix"]))
+        span = f"{r['layers']['start']}:{r['layers']['end']}" if r.get("layers") else "no layers"
+        print(f"recovery {when}: node {r['node']} ({r['address']}, {span}) {r['detection']}; path {r['path']}, "
+              f"{r['sessions']} session(s), stall {r['stall_ms']:.0f} ms, successor {r['successor'] or '-'}"
+              + (f", {r['replayed_positions']} positions replayed" if r["replayed_positions"] else "")
+              + (f"; {r['detail']}" if r.get("detail") else ""))
     if not status["sessions"]:
         print("no sessions running")
     return 0
@@ -332,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="interface address for mDNS, `all` or `off` (default: derived from --host)")
     join.add_argument("--reprofile", action="store_true",
                       help="measure this node's compute again instead of using its cached profile")
+    join.add_argument("--no-failover", action="store_true",
+                      help="coordinator: keep no states for recovery; a node that fails ends its sessions")
+    join.add_argument("--leave-after", default=None, metavar="DURATION",
+                      help="leave gracefully after this long, e.g. 11h30m for a notebook session (nodes)")
     join.set_defaults(func=cmd_join)
 
     gen = sub.add_parser("generate", help="raw completion of a text through the swarm, streamed")

@@ -1,18 +1,25 @@
 """The coordinator: membership, placement, shard files, and the generation loop of every session.
 
-It owns the model file and the tokenizer. It plans placement (a pure function in placement.py) whenever
+It owns the model file and the tokenizer. It plans placement (a pure function in planner.py) whenever
 the membership changes and no session is running, tells each node what to load, and drives each session
 step by step. Hidden states flow node to node; only token ids come back here.
+
+When a node of a running session fails, the session's step is stopped, a live node takes the lost range
+(failover.py decides which), and the session's KV cache for that range is rebuilt there from the last
+checkpoint plus the outputs the previous hop kept, before the step that failed runs again; a node that
+leaves on purpose hands its sessions over between two steps (docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import statistics
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -27,7 +34,9 @@ from .cache import file_digest
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
 from .engine import Tokenizer
-from .errors import BadInputError, NotReadyError, ShardRangeError, SwarmError
+from .errors import BadInputError, KVStateError, NotReadyError, PeerError, ShardRangeError, SwarmError
+from . import failover
+from .failover import Recovery
 from .gguf_file import read_gguf
 from .layers import LayerRange
 from .node import FORWARD_TIMEOUT_S, NodeService
@@ -39,8 +48,11 @@ from .profiling import ComputeProfile, measure_link
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 1.0
-LOST_AFTER_S = 3.5  # three missed heartbeats and a margin
+HEARTBEAT_S = 0.5
+LOST_AFTER_S = 2.5  # five missed heartbeats: a hung node is noticed within 3 s
+PING_TIMEOUT_S = 0.5  # after a failed step: a live node answers a ping far sooner
+MAX_RECOVERIES_PER_STEP = 3
+LEAVE_TIMEOUT_S = 60.0  # how long a leaving node waits for its sessions to move
 RETRY_S = 30.0  # a node that failed to be measured or to load is planned for again after this
 PROBE_TIMEOUT_S = 600.0  # fetching the probe slices and timing them
 ASSIGN_TIMEOUT_S = 1800.0  # fetching a multi-GB shard over Wi-Fi takes a while
@@ -68,6 +80,11 @@ class Member:
     rtt_s: float = 0.0  # to the coordinator
     bandwidth_bps: float = float("inf")
     reason: str = ""  # the planner's word on this node
+    extra: list[LayerRange] = field(default_factory=list)  # ranges taken over from failed nodes
+    files: set[str] = field(default_factory=set)  # shard ids this node was given (it keeps them cached)
+
+    def hosted(self) -> list[LayerRange]:
+        return ([self.layers] if self.layers is not None else []) + self.extra
 
     def __post_init__(self) -> None:
         # Plan with what the node had free when it joined: once it holds a shard, its free memory
@@ -93,9 +110,22 @@ class RouteHop:
 @dataclass
 class _Session:
     route: tuple[RouteHop, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     started: float = field(default_factory=time.monotonic)
     positions: int = 0
     generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # every position fed so far (prompt, then each token)
+    prompt_len: int = 0
+    # Recovery state: the newest KV checkpoint of each hop (positions, blob), and per hop the compute
+    # since it, in seconds and steps; hops to ask for one with the next step.
+    checkpoints: dict[LayerRange, tuple[int, bytes]] = field(default_factory=dict)
+    since: dict[LayerRange, list] = field(default_factory=dict)
+    pending: set[LayerRange] = field(default_factory=set)
+    inflight: object = None  # the step's future while it waits on a remote first hop
+    interrupted: str = ""  # why the heartbeat watcher stopped the step in flight
+
+    def kept_from(self, layers: LayerRange) -> int:
+        return self.checkpoints[layers][0] if layers in self.checkpoints else 0
 
 
 class Coordinator:
@@ -117,6 +147,7 @@ class Coordinator:
         threads: int | None = None,
         default_max_tokens: int = 256,
         reprofile: bool = False,
+        failover: bool = True,
     ):
         self.model_path = Path(model_path)
         self.swarm, self.key = swarm, key
@@ -147,7 +178,15 @@ class Coordinator:
         self._links: dict[tuple[str, str], tuple[float, float]] = {}
         self._prediction: planner.Prediction | None = None
         self._measured: collections.deque[float] = collections.deque(maxlen=20)
+        self._takeover = threading.Lock()  # one decision at a time about who takes a lost range
+        self._replacements: dict[tuple[str, LayerRange], RouteHop] = {}  # (lost node, range) -> successor
+        self._leaving: dict[str, dict[LayerRange, RouteHop]] = {}  # node leaving gracefully -> successors
+        self._recoveries: collections.deque[Recovery] = collections.deque(maxlen=50)
+        self._recovery_of: dict[str, Recovery] = {}  # node id -> the record of its loss
+        self._losses: dict[str, list[float]] = {}  # address -> when it was lost (flapping back-off)
         self.reprofile = reprofile
+        # Off: nodes keep no outputs and hand in no checkpoints; a failed node ends its sessions.
+        self.failover_enabled = failover
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._plan_loop, name="planner", daemon=True),
@@ -181,6 +220,11 @@ class Coordinator:
                         "pin a range that no other node holds"
                     )
             member = Member(f"n{next(self._ids)}", name, address, request.resources, pin)
+            wait = failover.backoff_s(self._losses.get(address, []), time.monotonic())
+            if wait:  # it keeps dropping out: plan without it for a while, longer each time
+                member.excluded_until = time.monotonic() + wait
+                member.state, member.detail = "backoff", f"lost {len(self._losses[address])} times; planned for again in {wait:.0f} s"
+                log.warning("node %s at %s keeps dropping out; leaving it out of plans for %.0f s", name, address, wait)
             self._members[member.node_id] = member
             self._dirty = True
             self._cond.notify_all()
@@ -201,23 +245,85 @@ class Coordinator:
                     m.resources.devices.extend(devices)
             return pb.HeartbeatReply(known=True)
 
-    def leave(self, node_id: str) -> None:
+    def leave(self, node_id: str, graceful: bool = False) -> pb.LeaveReply:
+        """A node leaves. Gracefully: its sessions move to successors between two steps, then it goes."""
         with self._cond:
             m = self._members.get(node_id)
             if m is None or m.is_self:
-                return
-            del self._members[node_id]
-            self._on_member_gone(m, "left")
+                return pb.LeaveReply()
+            used = self._ranges_in_use(node_id)
+            if not (graceful and used):
+                del self._members[node_id]
+                self._on_member_gone(m, "left")
+                return pb.LeaveReply()
+            m.state, m.detail = "leaving", "handing its sessions over"
+        record = Recovery(m.name, m.address, tuple(used), "left")
+        try:
+            successors = {r: self._take_over(m, r) for r in used}
+        except SwarmError as e:
+            log.warning("node %s leaves, but %s; its sessions will be rebuilt", m.name, e)
+            with self._cond:
+                if self._members.pop(node_id, None) is not None:
+                    self._on_member_gone(m, "left")
+            return pb.LeaveReply(detail=str(e))
+        record.successor = ", ".join(sorted({h.node_id for h in successors.values()}))
+        with self._cond:
+            self._recoveries.append(record)
+            self._recovery_of[node_id] = record
+            self._leaving[node_id] = successors
+            self._route = self._patched(self._route)
+            deadline = time.monotonic() + LEAVE_TIMEOUT_S
+            while any(h.node_id == node_id for s in self._sessions.values() for h in s.route):
+                if time.monotonic() > deadline:
+                    record.detail = f"sessions did not reach a step boundary in {LEAVE_TIMEOUT_S:.0f} s"
+                    break
+                self._cond.wait(0.1)
+            self._leaving.pop(node_id, None)
+            if self._members.pop(node_id, None) is not None:
+                self._on_member_gone(m, "left")
+        if not record.sessions:
+            record.path = failover.NONE
+        log.info("node %s left; %d session(s) moved to %s", m.name, record.sessions, record.successor)
+        return pb.LeaveReply(migrated_sessions=record.sessions, detail=record.detail)
 
-    def _on_member_gone(self, m: Member, why: str) -> None:
-        """Call with the lock held."""
+    def _ranges_in_use(self, node_id: str) -> list[LayerRange]:
+        """Ranges the node serves on the current route or a running session's route. Lock held."""
+        return sorted({h.layers for s in self._sessions.values() for h in s.route if h.node_id == node_id},
+                      key=lambda r: r.start)
+
+    def _on_member_gone(self, m: Member, why: str, detection: str = "") -> None:
+        """Call with the lock held, after removing `m` from the members."""
         self._forget_stub(m.address)
-        log.log(logging.INFO if why in ("left", "restarted") else logging.WARNING,"node %s (%s) %s%s", m.name, m.address, why, f"; it held layers {m.layers}" if m.layers else "")
-        if m.layers is not None and self._route is not None:
+        log.log(logging.INFO if why in ("left", "restarted") else logging.WARNING, "node %s (%s) %s%s", m.name,
+                m.address, why, f"; it held layers {', '.join(map(str, m.hosted()))}" if m.hosted() else "")
+        if why != "left":
+            self._losses.setdefault(m.address, []).append(time.monotonic())
+        in_use = [s for s in self._sessions.values() if any(h.node_id == m.node_id for h in s.route)]
+        if m.hosted() and m.node_id not in self._recovery_of:
+            record = Recovery(m.name, m.address, tuple(m.hosted()), detection or why)
+            if not in_use:
+                record.detail = "no session was running; layers re-planned"
+            self._recoveries.append(record)
+            self._recovery_of[m.node_id] = record
+        if in_use:
+            # Running sessions carry on: each one stops its step and rebuilds the lost range elsewhere.
+            for s in in_use:
+                s.interrupted = f"node {m.name} ({m.address}) {why}"
+                self._interrupt(s)
+        elif m.hosted() and self._route is not None and any(h.node_id == m.node_id for h in self._route):
             self._route = None
             self._state, self._detail = "planning", f"node {m.name} {why}; re-planning layers {m.layers}"
         self._dirty = True
         self._cond.notify_all()
+
+    def _interrupt(self, session: _Session) -> None:
+        """Stop waiting for a session's step in flight (a node on its route is gone)."""
+        if session.inflight is not None:
+            session.inflight.cancel()
+        elif session.route and session.route[0].is_self:
+            for sid, s in list(self._sessions.items()):
+                if s is session:
+                    self.local.cancel(sid)
 
     def _watch_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S / 2):
@@ -231,7 +337,12 @@ class Coordinator:
                 for m in list(self._members.values()):
                     if not m.is_self and now - m.last_seen > LOST_AFTER_S:
                         del self._members[m.node_id]
-                        self._on_member_gone(m, f"missed its heartbeats for {now - m.last_seen:.1f} s")
+                        silent = now - m.last_seen
+                        self._on_member_gone(m, f"missed its heartbeats for {silent:.1f} s",
+                                             f"missed heartbeats for {silent:.1f} s")
+                for s in self._sessions.values():
+                    if s.interrupted:  # a cancel can race with the step's start: repeat it until seen
+                        self._interrupt(s)
 
     # ------------------------------------------------------------ placement
 
@@ -387,6 +498,9 @@ class Coordinator:
                 try:
                     fut.result()
                     m.layers = wire.layer_range(jobs[node_id].shard.layers) if jobs[node_id].has_shard else None
+                    m.extra = []
+                    if m.layers is not None:
+                        m.files.add(jobs[node_id].shard.shard_id)
                     m.state, m.detail = ("ready" if m.layers else "idle"), ""
                 except SwarmError as e:
                     m.state, m.detail = "failed", str(e)
@@ -407,6 +521,7 @@ class Coordinator:
             self._measured.clear()
             if self._dirty:
                 return  # the membership changed while loading; the next plan supersedes this one
+            self._replacements.clear()
             self._route = route
             self._state, self._detail = "ready", placement.describe(plan)
             self._cond.notify_all()
@@ -475,6 +590,9 @@ class Coordinator:
                  ) -> Iterator[pb.GenerateEvent]:
         """Run one session: prompt in n_batch pieces, then one token per step, streaming text pieces."""
         sampling = wire.sampling_from_pb(request.sampling) if request.HasField("sampling") else SamplingParams()
+        if sampling.seed is None and not sampling.greedy:
+            # Fixed here, so that a sampler rebuilt on another node after a failure draws the same tokens.
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         stops = check_stops(request.stop)  # counts before it copies
         tokens = self._prompt_tokens(request)
         if len(tokens) >= self.n_ctx:
@@ -498,14 +616,15 @@ class Coordinator:
             with self._cond:
                 self._waiting -= 1
         sid = uuid.uuid4().hex[:16]
-        route: tuple[RouteHop, ...] = ()
+        session = None
         try:
             with self._cond:  # the planner sees the session as soon as the route is taken
                 route = self.wait_ready(max(0.0, deadline - time.monotonic()), is_active)
-                session = self._sessions[sid] = _Session(route)
-            yield from self._run(sid, session, tokens, budget, sampling, stops, request.timings, is_active)
+                session = self._sessions[sid] = _Session(route, sampling)
+            yield from self._run(sid, session, tokens, budget, stops, request.timings, is_active)
         finally:
-            self._close_everywhere(sid, route)
+            if session is not None:
+                self._close_everywhere(sid, session.route)
             with self._cond:
                 self._sessions.pop(sid, None)
                 self._cond.notify_all()
@@ -531,18 +650,17 @@ class Coordinator:
             return self.tokenizer.tokenize(text, add_special=True, parse_special=True)
         raise BadInputError("a generate request needs a prompt or chat messages")
 
-    def _run(self, sid, session, tokens, budget, sampling, stops, want_timings, is_active):
-        route = session.route
-        for hop in route:
+    def _run(self, sid, session: _Session, tokens, budget, stops, want_timings, is_active):
+        for hop in session.route:
             self._call(hop, "OpenSession", pb.OpenSessionRequest(
-                session_id=sid, layers=wire.span(hop.layers), sampling=wire.sampling_to_pb(sampling)))
+                session_id=sid, layers=wire.span(hop.layers), sampling=wire.sampling_to_pb(session.sampling)))
         yield pb.GenerateEvent(started=pb.GenerateEvent.Started(session_id=sid, prompt_tokens=len(tokens)))
         t0 = time.perf_counter()
         reply = None
+        session.prompt_len = len(tokens)
         for i in range(0, len(tokens), self.n_batch):
             piece = tokens[i:i + self.n_batch]
-            reply = self._step(route, sid, piece, i, sample=i + self.n_batch >= len(tokens))
-        session.positions = len(tokens)
+            reply = self._advance(sid, session, piece, i, sample=i + self.n_batch >= len(tokens))
         stream = TextStream(stops)
         totals = pb.StepTimings()
         first = last = None
@@ -565,8 +683,7 @@ class Coordinator:
             if not is_active():
                 finish = "cancelled"
                 break
-            reply = self._step(route, sid, [token], session.positions, sample=True)
-            session.positions += 1
+            reply = self._advance(sid, session, [token], session.positions, sample=True)
             if want_timings:
                 _add_timings(totals, reply, time.perf_counter() - last)
         tail = stream.flush()
@@ -575,7 +692,7 @@ class Coordinator:
         n = session.generated
         if n >= 8 and last > first:
             with self._cond:
-                if self._route == route:  # only sessions of the route the prediction is for
+                if self._route == session.route:  # only sessions of the route the prediction is for
                     self._measured.append((n - 1) / (last - first))
         done = pb.GenerateEvent.Done(
             finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n,
@@ -585,19 +702,321 @@ class Coordinator:
         )
         yield pb.GenerateEvent(done=done)
 
-    def _step(self, route, sid: str, tokens: list[int], start: int, sample: bool) -> pb.ForwardReply:
-        first = route[0]
-        request = pb.ForwardRequest(
-            session_id=sid, start=start, n_positions=len(tokens), tokens=tokens, layers=_spans(route)[0],
-            next=_spans(route)[1], sample=sample,
+    # ------------------------------------------------------------ one step, and surviving failures
+
+    def _advance(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool) -> pb.ForwardReply:
+        """Run one step of a session; when a node fails, carry the session over to a successor and retry."""
+        recovered: list[tuple[list[Recovery], str, int, float]] = []
+        failed, attempts = "", 0
+        while True:
+            try:
+                if failed:
+                    recovered.append(self._recover(sid, session, start, failed))
+                    failed = ""
+                if self._leaving:
+                    self._migrate(sid, session)
+                reply = self._forward(sid, session, tokens, start, sample)
+                break
+            except PeerError as e:
+                attempts += 1
+                if not self.failover_enabled:
+                    raise
+                if attempts > MAX_RECOVERIES_PER_STEP:
+                    raise PeerError(f"{e}; gave up after {attempts - 1} recoveries at one step") from None
+                failed = str(e)
+        session.tokens.extend(tokens)
+        session.positions = start + len(tokens)
+        self._note_compute(session, reply)
+        with self._cond:
+            for records, path, replayed, detected in recovered:
+                for record in records:
+                    record.add_session(path, time.monotonic() - detected, replayed)
+        return reply
+
+    def _request(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool) -> pb.ForwardRequest:
+        """The step's message: the route, which hops checkpoint, and what each keeps for the next hop."""
+        route = session.route
+        flags = [h.layers in session.pending for h in route]
+        keep = [session.kept_from(route[i + 1].layers) if i + 1 < len(route) and self.failover_enabled else _KEEP_NOTHING
+                for i in range(len(route))]
+        hops = [pb.Hop(address=h.address, layers=_span(h.layers), checkpoint=f, keep_from=k)
+                for h, f, k in zip(route[1:], flags[1:], keep[1:])]
+        return pb.ForwardRequest(
+            session_id=sid, start=start, n_positions=len(tokens), tokens=tokens, layers=_span(route[0].layers),
+            next=hops, sample=sample, checkpoint=flags[0], keep_from=keep[0],
         )
-        return self._call(first, "Forward", request)
+
+    def _forward(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool) -> pb.ForwardReply:
+        """Send one step along the session's route; PeerError when a node fails or the watcher stops it."""
+        request = self._request(sid, session, tokens, start, sample)
+        first = session.route[0]
+        if first.is_self:
+            try:
+                return self.local.forward(request)
+            except grpc.RpcError as e:  # the local node's call onward failed
+                raise wire.from_rpc(e, "the next node") from None
+        future = self._stub(first.address).Forward.future(request, timeout=FORWARD_TIMEOUT_S)
+        with self._cond:
+            session.inflight = future
+        try:
+            return future.result()
+        except grpc.FutureCancelledError:
+            raise PeerError(f"step stopped: {session.interrupted or 'cancelled'}") from None
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                raise PeerError(f"step stopped: {session.interrupted or 'cancelled'}") from None
+            raise wire.from_rpc(e, f"node at {first.address} (layers {first.layers})") from None
+        finally:
+            with self._cond:
+                session.inflight = None
+
+    def _note_compute(self, session: _Session, reply: pb.ForwardReply) -> None:
+        """Count each hop's compute since its last checkpoint; ask for one when a rebuild would cost too much."""
+        asked, session.pending = session.pending, set()
+        for timing in reply.timings:
+            layers = wire.layer_range(timing.layers)
+            since = session.since.setdefault(layers, [0.0, 0])
+            if layers in asked:
+                since[0], since[1] = 0.0, 0
+            since[0] += timing.compute_ms / 1e3
+            since[1] += 1
+        for hop in session.route:
+            since = session.since.get(hop.layers)
+            if self.failover_enabled and not hop.is_self and since and failover.should_checkpoint(since[0]):
+                session.pending.add(hop.layers)
+
+    def store_checkpoint(self, checkpoint: pb.Checkpoint) -> None:
+        """Keep a hop's KV checkpoint with its session (the newest only); freed when the session ends."""
+        layers = wire.layer_range(checkpoint.layers)
+        with self._cond:
+            session = self._sessions.get(checkpoint.session_id)
+            if session is None or all(h.layers != layers for h in session.route):
+                return  # the session ended or moved on
+            old = session.checkpoints.get(layers)
+            if old is None or checkpoint.positions >= old[0]:
+                session.checkpoints[layers] = (int(checkpoint.positions), bytes(checkpoint.kv))
+
+    def _recover(self, sid: str, session: _Session, start: int, error: str):
+        """Carry a session whose step at `start` failed over to live nodes; (records, path, replayed, detected)."""
+        detected = time.monotonic()
+        with self._cond:
+            session.interrupted = ""
+            dead = [h for h in session.route if not h.is_self and h.node_id not in self._members]
+        if not dead:
+            dead = self._unreachable(session.route)
+            with self._cond:
+                for h in dead:
+                    m = self._members.pop(h.node_id, None)
+                    if m is not None:
+                        self._on_member_gone(m, f"failed during a step ({error})", "call failed")
+        if not dead:  # nobody is down: a passing network error; undo the step everywhere and try again
+            log.warning("session %s: step %d failed but every node answers (%s); retrying", sid, start, error)
+            self._rewind(sid, session.route, start, skip=())
+            return [], failover.NONE, 0, detected
+        replaced = {}
+        for i, hop in enumerate(session.route):
+            if hop in dead:
+                replaced[i] = self._successor(hop, session.route)
+        route = tuple(replaced.get(i, h) for i, h in enumerate(session.route))
+        with self._cond:
+            session.route = route
+            session.checkpoints = {r: c for r, c in session.checkpoints.items() if c[0] <= start}
+            self._route = self._patched(self._route)
+        path, replayed = self._rebuild(sid, session, start, replaced)
+        with self._cond:
+            if all(h.is_self or h.node_id in self._members for h in session.route):
+                session.interrupted = ""  # set for this session by the loss it just got over
+        records = []
+        with self._cond:
+            for i, new in replaced.items():
+                record = self._recovery_of.get(dead[[h.layers for h in dead].index(new.layers)].node_id)
+                if record is not None and record not in records:
+                    record.successor = record.successor or new.node_id
+                    records.append(record)
+        log.info("session %s carried over at position %d by %s (%d positions replayed)", sid, start, path, replayed)
+        return records, path, replayed, detected
+
+    def _unreachable(self, route: tuple[RouteHop, ...]) -> list[RouteHop]:
+        """The remote hops of `route` that do not answer a ping (twice) within PING_TIMEOUT_S."""
+        remote = [h for h in route if not h.is_self]
+
+        def down(h: RouteHop) -> bool:
+            for _ in range(2):
+                try:
+                    self._stub(h.address).Ping(pb.PingRequest(), timeout=PING_TIMEOUT_S)
+                    return False
+                except grpc.RpcError:
+                    pass
+            return True
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
+            return [h for h, d in zip(remote, pool.map(down, remote)) if d]
+
+    def _successor(self, lost: RouteHop, route: tuple[RouteHop, ...]) -> RouteHop:
+        """The hop that replaces `lost` (decided once per lost node and range; later sessions reuse it)."""
+        with self._takeover:
+            done = self._replacements.get((lost.node_id, lost.layers))
+            with self._cond:
+                if done is not None and done.node_id in self._members:
+                    return done
+                m = self._members.get(lost.node_id) or Member(lost.node_id, lost.node_id, lost.address,
+                                                               pb.NodeResources(), None)
+            hop = self._take_over(m, lost.layers, route)
+            self._replacements[(lost.node_id, lost.layers)] = hop
+            return hop
+
+    def _take_over(self, gone: Member, layers: LayerRange, route: tuple[RouteHop, ...] = ()) -> RouteHop:
+        """Load `layers` on the best live node beside what it holds; raises PeerError when none can."""
+        need = self.footprint.shard_bytes(layers, self.n_ctx, self.max_sessions, self.n_batch)
+        spec = self._shard_spec(layers)
+        tried: set[str] = {gone.node_id}
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                on_route = {h.node_id for h in route or self._route or ()}
+                pool = {m.node_id: m for m in self._members.values()
+                        if m.node_id not in tried and m.node_id not in self._leaving and m.excluded_until <= now
+                        and m.state not in ("failed", "leaving") and (m.is_self or m.compute is not None)}
+                candidates = [failover.Candidate(
+                    node_id=m.node_id, name=m.name,
+                    free_bytes=m.usable_memory() - sum(
+                        self.footprint.shard_bytes(r, self.n_ctx, self.max_sessions, self.n_batch) for r in m.hosted()),
+                    has_file=m.is_self or spec.shard_id in m.files,
+                    step_s=(m.compute.step_overhead_s + m.compute.decode_s_per_byte * need) if m.compute else 0.0,
+                    serves_route=m.node_id in on_route,
+                ) for m in pool.values()]
+            choice = failover.choose_successor(need, candidates)
+            if choice is None:
+                raise PeerError(
+                    f"node {gone.name} ({gone.address}) is gone and no live node has {need >> 20} MB free for its "
+                    f"layers {layers}; add a node (swarm join) or give one more --max-memory"
+                )
+            m = pool[choice.node_id]
+            try:
+                self._assign(m, pb.AssignRequest(has_shard=True, extra=True, shard=spec, n_ctx=self.n_ctx,
+                                                 max_sessions=self.max_sessions, n_batch=self.n_batch))
+            except SwarmError as e:
+                log.warning("node %s could not take layers %s: %s", m.name, layers, e)
+                tried.add(m.node_id)
+                continue
+            with self._cond:
+                if layers not in m.hosted():
+                    m.extra.append(layers)
+                m.files.add(spec.shard_id)
+                m.state = "ready"
+            log.info("node %s takes layers %s over from %s", m.name, layers, gone.name)
+            return RouteHop(m.node_id, m.address, layers, m.is_self)
+
+    def _patched(self, route: tuple[RouteHop, ...] | None) -> tuple[RouteHop, ...] | None:
+        """`route` with every lost or leaving hop replaced by its successor. Lock held."""
+        if route is None:
+            return None
+        out = []
+        for h in route:
+            h = self._replacements.get((h.node_id, h.layers), h)
+            h = self._leaving.get(h.node_id, {}).get(h.layers, h)
+            out.append(h)
+        return tuple(out)
+
+    def _rewind(self, sid: str, route: tuple[RouteHop, ...], length: int, skip) -> None:
+        for i, hop in enumerate(route):
+            if i not in skip:
+                self._call(hop, "Rewind", pb.RewindRequest(session_id=sid, layers=_span(hop.layers), length=length))
+
+    def _rebuild(self, sid: str, session: _Session, start: int, replaced: dict[int, RouteHop]) -> tuple[str, int]:
+        """Bring the replaced hops of a session to `start` positions; ('replay' or 'recompute', positions run)."""
+        route = session.route
+        try:
+            self._rewind(sid, route, start, skip=replaced)
+            base = {i: self._checkpoint_at(session, route[i].layers, start) for i in replaced}
+            replayed = 0
+            for i in sorted(replaced):
+                hop, (at, blob) = route[i], base[i]
+                nxt = route[i + 1].layers if i + 1 < len(route) else None
+                # What the new hop keeps for the next one: from that one's checkpoint (or rebuild point) on.
+                keep = base[i + 1][0] if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
+                self._open(sid, session, hop, history=session.tokens[:at])
+                self._call(hop, "ImportKV", pb.ImportKVRequest(session_id=sid, layers=_span(hop.layers), kv=blob,
+                                                               keep_from=keep))
+                if i == 0:
+                    for b_start, b_tokens in self._batches(session, at, start):
+                        self._call(hop, "Forward", pb.ForwardRequest(
+                            session_id=sid, start=b_start, n_positions=len(b_tokens), tokens=b_tokens,
+                            layers=_span(hop.layers), replay=True, keep_from=keep))
+                else:
+                    up = route[i - 1]
+                    self._call(up, "Resend", pb.ResendRequest(
+                        session_id=sid, layers=_span(up.layers), from_position=at, to_position=start,
+                        to=pb.Hop(address=hop.address, layers=_span(hop.layers), keep_from=keep)))
+                replayed += start - at
+            path = failover.REPLAY
+        except (KVStateError, BadInputError) as e:
+            # What was kept does not reach back far enough: run the session's tokens through again.
+            log.warning("session %s: rebuilding from kept states failed (%s); recomputing from its tokens", sid, e)
+            with self._cond:
+                session.checkpoints.clear()
+                session.since.clear()
+            for hop in route:
+                self._open(sid, session, hop, history=())
+            for b_start, b_tokens in self._batches(session, 0, start):
+                self._forward(sid, session, b_tokens, b_start, sample=False)
+            path, replayed = failover.RECOMPUTE, start
+        # Checkpoint every remote hop with the next step, so what each keeps is consistent again.
+        session.pending = {h.layers for h in route if not h.is_self}
+        return path, replayed
+
+    def _checkpoint_at(self, session: _Session, layers: LayerRange, start: int) -> tuple[int, bytes]:
+        """The newest checkpoint of `layers` not beyond `start`: (positions, blob); (0, b'') when none."""
+        with self._cond:
+            at, blob = session.checkpoints.get(layers, (0, b""))
+        return (at, blob) if at <= start else (0, b"")
+
+    def _batches(self, session: _Session, frm: int, to: int) -> list[tuple[int, list[int]]]:
+        """The session's positions frm..to-1 as they were first run: prompt pieces of n_batch, then one by one."""
+        out, p = [], frm
+        while p < to:
+            if p < session.prompt_len:
+                if p % self.n_batch:
+                    raise KVStateError(f"position {p} is inside a prompt batch; cannot replay from there")
+                end = min(p + self.n_batch, session.prompt_len)
+                if end > to:
+                    raise KVStateError(f"positions {p}:{end} were one batch; cannot replay a part of it")
+            else:
+                end = p + 1
+            out.append((p, session.tokens[p:end]))
+            p = end
+        return out
+
+    def _open(self, sid: str, session: _Session, hop: RouteHop, history) -> None:
+        keep = max(256, session.sampling.repeat_last_n)
+        self._call(hop, "OpenSession", pb.OpenSessionRequest(
+            session_id=sid, layers=_span(hop.layers), sampling=wire.sampling_to_pb(session.sampling),
+            history=list(history)[-keep:]))
+
+    def _migrate(self, sid: str, session: _Session) -> None:
+        """Between two steps: hand the session's state on every leaving hop over to its successor."""
+        with self._cond:
+            moves = [(i, h, self._leaving[h.node_id][h.layers]) for i, h in enumerate(session.route)
+                     if h.node_id in self._leaving and h.layers in self._leaving[h.node_id]]
+        for i, old, new in moves:
+            t0 = time.monotonic()
+            self._open(sid, session, new, history=session.tokens)
+            try:
+                self._call(old, "Handoff", pb.HandoffRequest(
+                    session_id=sid, layers=_span(old.layers), to=pb.Hop(address=new.address, layers=_span(new.layers))))
+            except PeerError:
+                raise  # it died before handing over: recovered like any other failure
+            with self._cond:
+                session.route = session.route[:i] + (new,) + session.route[i + 1:]
+                record = self._recovery_of.get(old.node_id)
+                if record is not None:
+                    record.add_session(failover.MIGRATE, time.monotonic() - t0, 0)
+                self._cond.notify_all()
 
     def _call(self, hop: RouteHop, method: str, request):
         if hop.is_self:
-            name = {"Forward": "forward", "OpenSession": "open_session"}[method]
             try:
-                return getattr(self.local, name)(request)
+                return getattr(self.local, _LOCAL[method])(request)
             except grpc.RpcError as e:  # the local node's call onward failed
                 raise wire.from_rpc(e, "the next node") from None
         try:
@@ -632,6 +1051,7 @@ class Coordinator:
                 )
                 if m.layers is not None:
                     ns.layers.CopyFrom(wire.span(m.layers))
+                ns.extra_layers.extend(wire.span(r) for r in m.extra)
                 if m.compute is not None:
                     ns.profile.CopyFrom(pb.NodeProfile(
                         decode_ns_per_byte=1e9 * m.compute.decode_s_per_byte,
@@ -646,6 +1066,14 @@ class Coordinator:
                 reply.measured_sessions = len(self._measured)
             for sid, s in self._sessions.items():
                 reply.sessions.add(session_id=sid, positions=s.positions, generated=s.generated, age_s=now - s.started)
+            for r in self._recoveries:
+                rec = reply.recoveries.add(
+                    at_unix=r.at_unix, node=r.node, address=r.address, detection=r.detection, path=r.path,
+                    sessions=r.sessions, stall_ms=1e3 * r.stall_s, successor=", ".join(
+                        self._members[i].name if i in self._members else i for i in r.successor.split(", ") if i),
+                    replayed_positions=r.replayed_positions, detail=r.detail)
+                if r.layers:
+                    rec.layers.CopyFrom(wire.span(r.layers[0]))
         return reply
 
     def close(self) -> None:
@@ -659,10 +1087,15 @@ class Coordinator:
         self.tokenizer.close()
 
 
-@functools.lru_cache(maxsize=64)
-def _spans(route: tuple[RouteHop, ...]) -> tuple[pb.LayerSpan, list[pb.Hop]]:
-    """A route's wire form, built once per route rather than once per token."""
-    return wire.span(route[0].layers), [pb.Hop(address=h.address, layers=wire.span(h.layers)) for h in route[1:]]
+_KEEP_NOTHING = (1 << 32) - 1  # keep_from beyond any position: a node keeps no outputs
+_LOCAL = {"Forward": "forward", "OpenSession": "open_session", "Rewind": "rewind", "ImportKV": "import_kv",
+          "Resend": "resend", "Handoff": "handoff"}
+
+
+@functools.lru_cache(maxsize=256)
+def _span(layers: LayerRange) -> pb.LayerSpan:
+    """A range's wire form, built once rather than once per token (treat as read-only)."""
+    return wire.span(layers)
 
 
 def _add_timings(totals: pb.StepTimings, reply: pb.ForwardReply, wall_s: float) -> None:
@@ -694,8 +1127,12 @@ class CoordinatorService(pbg.CoordinatorServicer):
 
     @wire.served
     def Leave(self, request, context):
-        self.c.leave(request.node_id)
-        return pb.LeaveReply()
+        return self.c.leave(request.node_id, request.graceful)
+
+    @wire.served
+    def StoreCheckpoint(self, request, context):
+        self.c.store_checkpoint(request)
+        return pb.CheckpointReply()
 
     @wire.served_stream
     def FetchShard(self, request, context):

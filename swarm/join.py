@@ -44,6 +44,24 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * unit)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([hms])", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '45m', '11h30m' or plain seconds -> seconds."""
+    t = (text or "").strip()
+    try:
+        value = float(t)
+    except ValueError:
+        parts = _DURATION.findall(t)
+        if not parts or "".join(a + b for a, b in parts).replace(" ", "").lower() != t.replace(" ", "").lower():
+            raise BadInputError(f"cannot read duration {text!r}; write it like 90s, 45m or 11h30m") from None
+        value = sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b.lower()] for a, b in parts)
+    if not 0 < value < 10 * 365 * 86400:
+        raise BadInputError(f"duration {text!r} must be positive")
+    return value
+
+
 def resources(max_memory: int = 0, threads: int | None = None, with_devices: bool = False) -> pb.NodeResources:
     """This machine's memory (within its cgroup limit, if any), what it gives the swarm, and its devices."""
     vm = psutil.virtual_memory()
@@ -124,7 +142,7 @@ def start_coordinator(
     model_path: Path, *, swarm: str = "default", key: str | None = None, name: str | None = None,
     host: str = "0.0.0.0", port: int = DEFAULT_PORT, max_memory: int = 0, pin: LayerRange | None = None,
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
-    reprofile: bool = False,
+    reprofile: bool = False, failover: bool = True,
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS."""
     key = key or wire.new_key()
@@ -133,7 +151,7 @@ def start_coordinator(
     coordinator = Coordinator(
         model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
         resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
-        max_sessions=max_sessions, threads=threads, reprofile=reprofile,
+        max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
     )
     pbg.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
     pbg.add_NodeServicer_to_server(coordinator.local, server)
@@ -163,7 +181,9 @@ class RunningNode:
         self.coordinator_address: str | None = self._fixed_coordinator
         self._stub: pbg.CoordinatorStub | None = None
         self._channel: grpc.Channel | None = None
-        self.service = NodeService(key, fetcher=self._fetcher, threads=threads, reprofile=reprofile)
+        self.service = NodeService(key, fetcher=self._fetcher, threads=threads, reprofile=reprofile,
+                                   checkpoint_sink=self._store_checkpoint)
+        self.heartbeat_s = 1.0  # until the coordinator says
         self.server, self.port = _start_server(host, port, key)
         self.host = "" if host in ("", "0.0.0.0", "::") else _reachable_host(host)
         pbg.add_NodeServicer_to_server(self.service, self.server)
@@ -176,6 +196,9 @@ class RunningNode:
     def _fetcher(self):
         stub = self._coordinator_stub()
         return lambda request: stub.FetchShard(request, timeout=1800.0)
+
+    def _store_checkpoint(self, checkpoint: pb.Checkpoint) -> None:
+        self._coordinator_stub().StoreCheckpoint(checkpoint, timeout=30.0)
 
     def _coordinator_stub(self) -> pbg.CoordinatorStub:
         if self._stub is None:
@@ -204,6 +227,7 @@ class RunningNode:
             request.pin.CopyFrom(wire.span(self.pin))
         reply = self._coordinator_stub().Join(request, timeout=10.0)
         self.node_id = reply.node_id
+        self.heartbeat_s = reply.heartbeat_interval_s or 1.0
         log.info("joined swarm %r at %s as %s (model %s)", self.swarm, self.coordinator_address, self.name,
                  reply.model_name)
 
@@ -236,14 +260,33 @@ class RunningNode:
                     failing_since = None
             except SwarmError as e:
                 log.warning("%s", e)
-            self._stop.wait(1.0)
+            self._stop.wait(self.heartbeat_s)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the node stops (True) or `timeout` passes (False)."""
         return self._stop.wait(timeout)
 
+    def leave(self, timeout: float = 120.0) -> int:
+        """Leave gracefully: the coordinator moves this node's sessions to a successor (their KV states
+        shipped from here) and answers once they run there; this node keeps serving until then.
+        Returns how many sessions moved."""
+        node_id, stub = self.node_id, self._stub
+        self._stop.set()  # no more heartbeats: this node is on its way out
+        if not node_id or stub is None:
+            return 0
+        try:
+            reply = stub.Leave(pb.LeaveRequest(node_id=node_id, graceful=True), timeout=timeout)
+        except grpc.RpcError as e:
+            log.warning("leaving: %s", wire.from_rpc(e, f"coordinator {self.coordinator_address}"))
+            return 0
+        if reply.detail:
+            log.warning("leaving: %s", reply.detail)
+        log.info("left the swarm; %d session(s) handed over", reply.migrated_sessions)
+        self.node_id = None
+        return reply.migrated_sessions
+
     def stop(self, grace: float = 1.0) -> None:
-        """Leave the swarm (telling the coordinator) and shut down."""
+        """Leave the swarm at once (telling the coordinator) and shut down."""
         self._stop.set()
         if self.node_id and self._stub is not None:
             try:

@@ -1,15 +1,19 @@
-"""A node's service: hold one shard, run its layers for each step, pass hidden states to the next hop.
+"""A node's service: hold a shard, run its layers for each step, pass hidden states to the next hop.
 
 The final shard samples; the token travels back along the chain of calls to whoever started the step.
+A node keeps the outputs it sent onward and checkpoints its KV state when asked, so that the next
+node can be rebuilt elsewhere if it fails, and can hand a session over when it leaves.
 A node checks every request before llama.cpp sees it and keeps serving after a bad one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,7 +23,8 @@ from . import cache, wire
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
 from .engine import Shard
-from .errors import BadInputError, NotReadyError, PeerError
+from .errors import BadInputError, NotReadyError, PeerError, SwarmError
+from .kept import KeptStep, OutputLog
 from .layers import LayerRange
 from .sampling import Sampler
 from .slicing import shard_info
@@ -34,19 +39,40 @@ _MAX_SESSIONS = 256
 # network before closing it); its KV sequence is freed when a new session needs room.
 SESSION_IDLE_S = 600.0
 _MAX_PING = 16 << 20
+_MAX_PENDING_CHECKPOINTS = 8
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadedShard:
+    """A shard this node serves, with what it keeps per session."""
+
     spec_id: str
     shard: Shard
     n_ctx: int
     max_sessions: int
     n_batch: int
+    samplers: dict[str, Sampler] = field(default_factory=dict)
+    kept: OutputLog = field(default_factory=OutputLog)  # outputs sent onward, for the next hop's recovery
+    steps: dict[str, int] = field(default_factory=dict)  # per session, bumped by every step and rewind
+
+    def bump(self, session: str) -> int:
+        self.steps[session] = n = self.steps.get(session, 0) + 1
+        return n
+
+    def forget(self, session: str) -> None:
+        self.samplers.pop(session, None)
+        self.steps.pop(session, None)
+        self.kept.drop(session)
+        self.shard.drop_session(session)
 
 
 class NodeService(pbg.NodeServicer):
-    """One node's shard and sessions. `fetcher` returns the coordinator's FetchShard call when needed."""
+    """One node's shards and sessions. `fetcher` returns the coordinator's FetchShard call when needed.
+
+    A node usually holds one shard; after taking over a failed or departed node's range it holds that
+    one too, until the next full plan. `checkpoint_sink` receives the KV checkpoints a step asks for
+    (from a background thread, so the step does not wait for the network).
+    """
 
     def __init__(
         self,
@@ -56,6 +82,7 @@ class NodeService(pbg.NodeServicer):
         shard_dir: Path | None = None,
         progress: bool = True,
         reprofile: bool = False,
+        checkpoint_sink: Callable[[pb.Checkpoint], None] | None = None,
     ):
         self._key = key
         self._fetcher = fetcher
@@ -63,26 +90,30 @@ class NodeService(pbg.NodeServicer):
         self._shard_dir = shard_dir
         self._progress = progress
         self._reprofile = reprofile  # measure compute again once, ignoring the cache (--reprofile)
-        self._loaded: LoadedShard | None = None
+        self._shards: dict[LayerRange, LoadedShard] = {}
         self._assign_lock = threading.Lock()
-        self._samplers: dict[str, Sampler] = {}
         self._last_used: dict[str, float] = {}
+        self._inflight: dict[tuple[str, LayerRange], grpc.Future] = {}  # steps waiting on the next hop
         self._channels: dict[str, tuple[pbg.NodeStub, grpc.Channel]] = {}
         self._channels_lock = threading.Lock()
+        self._sink = checkpoint_sink
+        self._outbox: queue.Queue[pb.Checkpoint | None] = queue.Queue(maxsize=_MAX_PENDING_CHECKPOINTS)
+        self._pusher: threading.Thread | None = None
         self.state = "idle"
 
     # ------------------------------------------------------------ assignment
 
-    @property
-    def layers(self) -> LayerRange | None:
-        return self._loaded.shard.layers if self._loaded else None
+    def ranges(self) -> list[LayerRange]:
+        """The layer ranges this node serves, in order."""
+        return sorted(self._shards, key=lambda r: r.start)
 
     @wire.served
     def Assign(self, request: pb.AssignRequest, context) -> pb.AssignReply:
         return self.assign(request)
 
     def assign(self, request: pb.AssignRequest) -> pb.AssignReply:
-        """Load the shard named in `request` (fetching its file if needed), or drop the current one."""
+        """Load the shard named in `request` (fetching its file if needed), beside the others with `extra`,
+        else instead of them; or drop every shard."""
         with self._assign_lock:
             if not request.has_shard:
                 self._unload()
@@ -94,11 +125,15 @@ class NodeService(pbg.NodeServicer):
                 raise BadInputError(
                     f"impossible shard settings n_ctx={n_ctx}, max_sessions={max_sessions}, n_batch={n_batch}"
                 )
-            current = self._loaded
-            if current and (current.spec_id, current.n_ctx, current.max_sessions, current.n_batch) == (
-                spec.shard_id, n_ctx, max_sessions, n_batch
-            ):
+            layers = wire.layer_range(spec.layers)
+            current = self._shards.get(layers)
+            same = current is not None and (current.spec_id, current.n_ctx, current.max_sessions, current.n_batch) == (
+                spec.shard_id, n_ctx, max_sessions, n_batch)
+            if same and (request.extra or len(self._shards) == 1):
                 return pb.AssignReply()
+            for other in self._shards:
+                if other != layers and other.start < layers.end and layers.start < other.end and request.extra:
+                    raise BadInputError(f"layers {layers} overlap layers {other} that this node already serves")
             self.state = "loading"
             t0 = time.perf_counter()
             try:
@@ -107,21 +142,25 @@ class NodeService(pbg.NodeServicer):
                     raise NotReadyError("this node has no coordinator to fetch shard files from")
                 path, fetched = fetch_shard(self._fetcher(), spec, dest, progress=self._progress)
                 info = shard_info(path)
-                if info.shard_id != spec.shard_id or info.layers != wire.layer_range(spec.layers):
+                if info.shard_id != spec.shard_id or info.layers != layers:
                     raise BadInputError(
                         f"{path.name} holds shard {info.shard_id[:12]} ({info.layers}), not the assigned "
-                        f"{spec.shard_id[:12]} ({wire.layer_range(spec.layers)}); delete it and join again"
+                        f"{spec.shard_id[:12]} ({layers}); delete it and join again"
                     )
-                self._unload()
+                if request.extra:
+                    self._unload(layers)
+                else:
+                    self._unload()
                 shard = Shard(path, n_ctx=n_ctx, max_sessions=max_sessions, n_batch=n_batch, n_threads=self._threads)
             except Exception:
-                self.state = "idle"
+                self.state = "ready" if self._shards else "idle"
                 raise
-            self._loaded = LoadedShard(spec.shard_id, shard, n_ctx, max_sessions, n_batch)
+            self._shards[layers] = LoadedShard(spec.shard_id, shard, n_ctx, max_sessions, n_batch)
             self.state = "ready"
             load_s = time.perf_counter() - t0
-            log.info("serving layers %s (%s; %.1f s to %s)", shard.layers, shard.role.value, load_s,
-                     "fetch and load" if fetched else "load")
+            log.info("serving layers %s (%s; %.1f s to %s)%s", shard.layers, shard.role.value, load_s,
+                     "fetch and load" if fetched else "load", " beside " + ", ".join(
+                         str(r) for r in self.ranges() if r != layers) if len(self._shards) > 1 else "")
             return pb.AssignReply(fetched=fetched, load_s=load_s)
 
     # ------------------------------------------------------------ measurement
@@ -181,23 +220,23 @@ class NodeService(pbg.NodeServicer):
                 raise PeerError(f"could not measure the link to {request.address}: {e.details()}") from None
         return pb.LinkReply(rtt_s=rtt, bandwidth_bps=bw)
 
-    def _unload(self) -> None:
-        loaded, self._loaded = self._loaded, None
-        self._samplers.clear()
-        self._last_used.clear()
-        if loaded:
-            loaded.shard.close()
+    def _unload(self, only: LayerRange | None = None) -> None:
+        for layers in [only] if only is not None else list(self._shards):
+            loaded = self._shards.pop(layers, None)
+            if loaded:
+                loaded.shard.close()
+        if not self._shards:
+            self._last_used.clear()
 
-    def _shard(self, expected: pb.LayerSpan) -> Shard:
-        loaded = self._loaded
-        if loaded is None:
-            raise NotReadyError("this node holds no shard yet; is it still loading? (see `swarm status`)")
+    def _entry(self, expected: pb.LayerSpan) -> LoadedShard:
         want = wire.layer_range(expected)
-        if loaded.shard.layers != want:
-            raise NotReadyError(
-                f"this node holds layers {loaded.shard.layers}, not {want}; the route is out of date, re-plan"
-            )
-        return loaded.shard
+        loaded = self._shards.get(want)
+        if loaded is None:
+            if not self._shards:
+                raise NotReadyError("this node holds no shard yet; is it still loading? (see `swarm status`)")
+            held = ", ".join(str(r) for r in self.ranges())
+            raise NotReadyError(f"this node holds layers {held}, not {want}; the route is out of date, re-plan")
+        return loaded
 
     # ------------------------------------------------------------ sessions
 
@@ -207,18 +246,24 @@ class NodeService(pbg.NodeServicer):
         return pb.OpenSessionReply()
 
     def open_session(self, request: pb.OpenSessionRequest) -> None:
-        shard = self._shard(request.layers)
+        """Open a session on one shard (starting it again from empty if it was open)."""
+        entry = self._entry(request.layers)
         sid = _session_id(request.session_id)
-        sampler = Sampler(wire.sampling_from_pb(request.sampling)) if shard.role.gives_logits else None
+        if len(request.history) > entry.n_ctx:
+            raise BadInputError(f"a session's history is at most n_ctx ({entry.n_ctx}) tokens")
+        sampler = None
+        if entry.shard.role.gives_logits:
+            sampler = Sampler(wire.sampling_from_pb(request.sampling), history=list(request.history))
         now = time.monotonic()
         for old, used in list(self._last_used.items()):
             if now - used > SESSION_IDLE_S:
                 log.warning("dropping session %s: unused for %.0f s (abandoned by its coordinator?)", old, now - used)
                 self.close_session(old)
-        shard.open_session(sid)
+        entry.forget(sid)
+        entry.shard.open_session(sid)
         self._last_used[sid] = now
         if sampler is not None:
-            self._samplers[sid] = sampler
+            entry.samplers[sid] = sampler
 
     @wire.served
     def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionReply:
@@ -226,28 +271,37 @@ class NodeService(pbg.NodeServicer):
         return pb.CloseSessionReply()
 
     def close_session(self, session_id: str) -> None:
-        self._samplers.pop(session_id, None)
         self._last_used.pop(session_id, None)
-        loaded = self._loaded
-        if loaded:
-            loaded.shard.drop_session(session_id)
+        for entry in list(self._shards.values()):
+            entry.forget(session_id)
 
     def sessions(self) -> dict[str, int]:
-        loaded = self._loaded
-        return loaded.shard.sessions() if loaded else {}
+        """Open sessions and how many positions each holds (on the first shard that has it)."""
+        out: dict[str, int] = {}
+        for layers in reversed(self.ranges()):
+            entry = self._shards.get(layers)
+            if entry is not None:
+                out.update(entry.shard.sessions())
+        return out
+
+    def kept_bytes(self) -> int:
+        """Bytes of outputs kept for the next hops' recovery, over all sessions."""
+        return sum(e.kept.nbytes() for e in list(self._shards.values()))
 
     # ------------------------------------------------------------ the step
 
     @wire.served
     def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardReply:
-        return self.forward(request)
+        return self.forward(request, context)
 
-    def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+    def forward(self, request: pb.ForwardRequest, context=None) -> pb.ForwardReply:
         """Run this node's layers for one step, then the rest of the route; returns the sampled token."""
         t0 = time.perf_counter()
-        shard = self._shard(request.layers)
+        entry = self._entry(request.layers)
+        shard = entry.shard
         sid = _session_id(request.session_id)
         n = int(request.n_positions)
+        start = int(request.start)
         if not 0 < n <= shard.n_batch:
             raise BadInputError(
                 f"a step carries 1 to {shard.n_batch} positions (this shard's n_batch), got {n}"
@@ -261,50 +315,194 @@ class NodeService(pbg.NodeServicer):
         else:
             x = wire.decode_hidden(request.hidden, n, shard.n_embd)
         t1 = time.perf_counter()
-        out = shard.forward(sid, x, int(request.start))
+        out = shard.forward(sid, x, start)
+        step = entry.bump(sid)
         self._last_used[sid] = time.monotonic()
         t2 = time.perf_counter()
         timing = pb.HopTiming(layers=request.layers, compute_ms=1e3 * (t2 - t1), codec_ms=1e3 * (t1 - t0))
         if shard.role.gives_logits:
             reply = pb.ForwardReply()
-            sampler = self._samplers.get(sid)
+            sampler = entry.samplers.get(sid)
             if sampler is None:  # the session was closed while this step ran
                 raise BadInputError(f"unknown session {sid!r} on this node; open it first")
             sampler.observe(request.tokens)
-            if request.sample:
+            if request.sample and not request.replay:
                 reply.has_token = True
-                reply.token = sampler.sample(out, remember=False)
+                reply.token = sampler.sample(out, remember=False, position=start + n - 1)
             timing.sample_ms = 1e3 * (time.perf_counter() - t2)
+            if request.checkpoint:
+                self._checkpoint(entry, sid)
             timing.handler_ms = 1e3 * (time.perf_counter() - t0)
             reply.timings.append(timing)
             return reply
+        hidden = wire.encode_hidden(out)
+        if start >= request.keep_from:  # what the next hop's recovery would need
+            entry.kept.add(sid, KeptStep(start, tuple(request.tokens), hidden), int(request.keep_from))
+        if request.replay:
+            timing.handler_ms = 1e3 * (time.perf_counter() - t0)
+            return pb.ForwardReply(timings=[timing])
         if not request.next:
-            shard.rollback(sid, int(request.start))
+            self._undo(entry, sid, start, step)
             raise BadInputError(f"the route ends after layer {shard.layers.end}, but the model goes on; re-plan")
         hop = request.next[0]
         t3 = time.perf_counter()
         onward = pb.ForwardRequest(
-            session_id=request.session_id, start=request.start, n_positions=n, tokens=request.tokens,
-            hidden=wire.encode_hidden(out), layers=hop.layers, next=request.next[1:], sample=request.sample,
+            session_id=request.session_id, start=start, n_positions=n, tokens=request.tokens, hidden=hidden,
+            layers=hop.layers, next=request.next[1:], sample=request.sample, checkpoint=hop.checkpoint,
+            keep_from=hop.keep_from,
         )
         t4 = time.perf_counter()
         try:
-            reply = self._stub(hop.address).Forward(onward, timeout=FORWARD_TIMEOUT_S)
-        except grpc.RpcError as e:
-            shard.rollback(sid, int(request.start))  # keep this shard in step with the ones after it
+            future = self._stub(hop.address).Forward.future(onward, timeout=FORWARD_TIMEOUT_S)
+            self._inflight[(sid, shard.layers)] = future
+            if context is not None:  # the caller gave up (a node further on hung): stop waiting too
+                context.add_callback(future.cancel)
+            if request.checkpoint:  # while the next hops compute
+                self._checkpoint(entry, sid)
+            reply = future.result()
+        except (grpc.RpcError, grpc.FutureCancelledError) as e:
+            self._undo(entry, sid, start, step)  # keep this shard in step with the ones after it
+            if isinstance(e, grpc.FutureCancelledError) or e.code() == grpc.StatusCode.CANCELLED:
+                raise PeerError(f"the step was cancelled while next hop {hop.address} had it") from None
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise PeerError(f"next hop {hop.address} (layers {wire.layer_range(hop.layers)}) did not answer: "
                                 f"{e.details()}") from None
             raise
         except Exception:
-            shard.rollback(sid, int(request.start))
+            self._undo(entry, sid, start, step)
             raise
+        finally:
+            self._inflight.pop((sid, shard.layers), None)
         t5 = time.perf_counter()
         timing.codec_ms += 1e3 * (t4 - t3)
         timing.call_ms = 1e3 * (t5 - t4)
         timing.handler_ms = 1e3 * (t5 - t0)
         reply.timings.insert(0, timing)
         return reply
+
+    def _undo(self, entry: LoadedShard, sid: str, start: int, step: int) -> None:
+        """Roll a failed step back, unless the session has moved on since (a recovery rewound it)."""
+        if entry.steps.get(sid) != step:
+            return
+        with contextlib.suppress(SwarmError):
+            entry.shard.rollback(sid, start)
+        entry.kept.truncate(sid, start)
+
+    def cancel(self, session_id: str) -> None:
+        """Stop waiting for the next hop on a session's step (it hung); the step fails with PeerError."""
+        for (sid, _), future in list(self._inflight.items()):
+            if sid == session_id:
+                future.cancel()
+
+    # ------------------------------------------------------------ recovery and migration
+
+    @wire.served
+    def Rewind(self, request: pb.RewindRequest, context) -> pb.RewindReply:
+        return self.rewind(request)
+
+    def rewind(self, request: pb.RewindRequest) -> pb.RewindReply:
+        """Cut a session back to `length` positions on one shard (and what it kept for the next hop)."""
+        entry = self._entry(request.layers)
+        sid = _session_id(request.session_id)
+        entry.bump(sid)  # a step still unwinding from the failure must not roll back what comes next
+        entry.shard.rollback(sid, int(request.length))
+        entry.kept.truncate(sid, int(request.length))
+        return pb.RewindReply(positions=entry.shard.session_length(sid))
+
+    @wire.served
+    def ImportKV(self, request: pb.ImportKVRequest, context) -> pb.ImportKVReply:
+        return self.import_kv(request)
+
+    def import_kv(self, request: pb.ImportKVRequest) -> pb.ImportKVReply:
+        """Load a session's KV state into one shard (the session must be open), with the kept outputs."""
+        entry = self._entry(request.layers)
+        sid = _session_id(request.session_id)
+        if sid not in entry.shard.sessions():
+            raise BadInputError(f"session {sid!r} is not open on layers {entry.shard.layers}; open it first")
+        entry.bump(sid)
+        if request.kv:
+            entry.shard.import_kv(sid, bytes(request.kv))
+        else:
+            entry.shard.rollback(sid, 0)
+        held = entry.shard.session_length(sid)
+        steps = [KeptStep(int(k.start), tuple(k.tokens), bytes(k.hidden)) for k in request.kept]
+        if any(s.end > held for s in steps):
+            entry.shard.rollback(sid, 0)
+            raise BadInputError(f"kept outputs go beyond the {held} positions the KV state holds")
+        entry.kept.replace(sid, steps, int(request.keep_from))
+        self._last_used[sid] = time.monotonic()
+        return pb.ImportKVReply(positions=held)
+
+    @wire.served
+    def Resend(self, request: pb.ResendRequest, context) -> pb.ResendReply:
+        return self.resend(request)
+
+    def resend(self, request: pb.ResendRequest) -> pb.ResendReply:
+        """Send the kept outputs from_position..to_position-1 to `to`, one step per original batch."""
+        entry = self._entry(request.layers)
+        sid = _session_id(request.session_id)
+        steps = entry.kept.steps(sid, int(request.from_position), int(request.to_position))
+        stub = self._stub(request.to.address)
+        for s in steps:
+            replay = pb.ForwardRequest(
+                session_id=sid, start=s.start, n_positions=len(s.tokens), tokens=s.tokens, hidden=s.hidden,
+                layers=request.to.layers, replay=True, keep_from=request.to.keep_from,
+            )
+            try:
+                stub.Forward(replay, timeout=FORWARD_TIMEOUT_S)
+            except grpc.RpcError as e:
+                raise wire.from_rpc(e, f"node {request.to.address}") from None
+        return pb.ResendReply(steps=len(steps), positions=sum(len(s.tokens) for s in steps))
+
+    @wire.served
+    def Handoff(self, request: pb.HandoffRequest, context) -> pb.HandoffReply:
+        return self.handoff(request)
+
+    def handoff(self, request: pb.HandoffRequest) -> pb.HandoffReply:
+        """Ship a session's KV state and kept outputs to the node that takes this shard over."""
+        entry = self._entry(request.layers)
+        sid = _session_id(request.session_id)
+        blob = entry.shard.export_kv(sid)
+        steps, first = entry.kept.all(sid)
+        message = pb.ImportKVRequest(
+            session_id=sid, layers=request.to.layers, kv=blob, keep_from=first,
+            kept=[pb.KeptStep(start=s.start, tokens=s.tokens, hidden=s.hidden) for s in steps],
+        )
+        try:
+            reply = self._stub(request.to.address).ImportKV(message, timeout=FORWARD_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise wire.from_rpc(e, f"node {request.to.address}") from None
+        entry.forget(sid)  # the session lives on the successor now
+        return pb.HandoffReply(kv_bytes=len(blob), kept_steps=len(steps), positions=reply.positions)
+
+    def _checkpoint(self, entry: LoadedShard, sid: str) -> None:
+        """Export a session's KV state and queue it for the coordinator (never blocks on the network)."""
+        if self._sink is None:
+            return
+        try:
+            blob = entry.shard.export_kv(sid)
+            checkpoint = pb.Checkpoint(session_id=sid, layers=wire.span(entry.shard.layers),
+                                       positions=entry.shard.session_length(sid), kv=blob)
+        except SwarmError as e:
+            log.warning("could not checkpoint session %s: %s", sid, e)
+            return
+        if self._pusher is None:
+            self._pusher = threading.Thread(target=self._push_loop, name="checkpoints", daemon=True)
+            self._pusher.start()
+        try:
+            self._outbox.put_nowait(checkpoint)
+        except queue.Full:
+            log.warning("checkpoints are not getting through to the coordinator; dropped one of session %s", sid)
+
+    def _push_loop(self) -> None:
+        while True:
+            checkpoint = self._outbox.get()
+            if checkpoint is None:
+                return
+            try:
+                self._sink(checkpoint)
+            except Exception as e:  # the coordinator is away: the next checkpoint will do
+                log.debug("checkpoint of session %s not delivered: %s", checkpoint.session_id, e)
 
     def _stub(self, address: str) -> pbg.NodeStub:
         with self._channels_lock:
@@ -315,6 +513,9 @@ class NodeService(pbg.NodeServicer):
             return entry[0]
 
     def close(self) -> None:
+        if self._pusher is not None:
+            with contextlib.suppress(queue.Full):
+                self._outbox.put_nowait(None)
         with self._assign_lock:
             self._unload()
         with self._channels_lock:

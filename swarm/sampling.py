@@ -48,6 +48,9 @@ class Sampler:
         self.params = params
         self.recent = list(history)
         self.rng = np.random.default_rng(params.seed)
+        # Draws made with a position come from (seed, position) alone, so a sampler rebuilt on another
+        # node after a failure draws exactly what this one would have.
+        self.seed = params.seed if params.seed is not None else int(self.rng.integers(1 << 63))
 
     def observe(self, tokens: Iterable[int]) -> None:
         """Remember tokens fed to the model (for the repeat penalty)."""
@@ -55,8 +58,12 @@ class Sampler:
         if len(self.recent) > 4 * max(self.params.repeat_last_n, 64):
             del self.recent[: -self.params.repeat_last_n or None]
 
-    def sample(self, logits: np.ndarray, remember: bool = True) -> int:
-        """Pick the next token; `remember=False` when the caller will `observe` it once it is fed back."""
+    def sample(self, logits: np.ndarray, remember: bool = True, position: int | None = None) -> int:
+        """Pick the next token; `remember=False` when the caller will `observe` it once it is fed back.
+
+        With `position` (the row's position in the session) a random draw depends only on the seed and
+        that position, not on how many draws this sampler made before.
+        """
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         if p.repeat_penalty != 1.0 and p.repeat_last_n:
@@ -69,12 +76,13 @@ class Sampler:
         if p.greedy:
             token = int(np.argmax(logits))
         else:
-            token = self._draw(logits)
+            rng = self.rng if position is None else np.random.default_rng([self.seed, position])
+            token = self._draw(logits, rng)
         if remember:
             self.recent.append(token)
         return token
 
-    def _draw(self, logits: np.ndarray) -> int:
+    def _draw(self, logits: np.ndarray, rng: np.random.Generator) -> int:
         p = self.params
         order = np.argsort(-logits, kind="stable")
         if p.top_k:
@@ -91,4 +99,4 @@ class Sampler:
         scaled = (cand - cand[0]) / p.temperature
         weights = np.exp(scaled)
         weights /= weights.sum()
-        return int(order[self.rng.choice(len(order), p=weights)])
+        return int(order[rng.choice(len(order), p=weights)])

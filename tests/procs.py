@@ -22,12 +22,12 @@ def free_port() -> int:
 class Proc:
     """One `swarm join` process with its log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, prefix: list[str] | None = None):
         self.log = log
         self.args = args
         full_env = dict(os.environ, **(env or {}))
-        with open(log, "wb") as out:
-            self.p = subprocess.Popen([sys.executable, "-m", "swarm.cli", "join", *args], stdout=out,
+        with open(log, "wb") as out:  # `prefix` runs it elsewhere, e.g. in a network namespace
+            self.p = subprocess.Popen([*(prefix or []), sys.executable, "-m", "swarm.cli", "join", *args], stdout=out,
                                       stderr=subprocess.STDOUT, env=full_env)
 
     def text(self) -> str:
@@ -50,6 +50,7 @@ class Swarm:
                  key: str = "test-key-123", coordinator_env: dict | None = None, ctx: int = 512,
                  via_mdns: str | None = None):
         self.tmp, self.key = tmp, key
+        self.started = time.monotonic()
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[Proc] = []

@@ -51,6 +51,11 @@ class CoordinatorStub:
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=swarm_dot___proto_dot_swarm__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.StoreCheckpoint = channel.unary_unary(
+                '/swarm.v1.Coordinator/StoreCheckpoint',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.Checkpoint.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.CheckpointReply.FromString,
+                _registered_method=True)
         self.FetchShard = channel.unary_stream(
                 '/swarm.v1.Coordinator/FetchShard',
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.FetchShardRequest.SerializeToString,
@@ -88,7 +93,15 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Leave(self, request, context):
-        """A node leaves on purpose.
+        """A node leaves on purpose. With `graceful`, the call returns once the node's sessions have moved to a
+        successor (their KV states shipped node to node); the node may then stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoreCheckpoint(self, request, context):
+        """A node hands in the KV state of one session's shard at a step boundary (a checkpoint for recovery).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +145,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=swarm_dot___proto_dot_swarm__pb2.LeaveRequest.FromString,
                     response_serializer=swarm_dot___proto_dot_swarm__pb2.LeaveReply.SerializeToString,
+            ),
+            'StoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreCheckpoint,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.Checkpoint.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.CheckpointReply.SerializeToString,
             ),
             'FetchShard': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchShard,
@@ -232,6 +250,33 @@ class Coordinator:
             '/swarm.v1.Coordinator/Leave',
             swarm_dot___proto_dot_swarm__pb2.LeaveRequest.SerializeToString,
             swarm_dot___proto_dot_swarm__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Coordinator/StoreCheckpoint',
+            swarm_dot___proto_dot_swarm__pb2.Checkpoint.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -360,6 +405,26 @@ class NodeStub:
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=swarm_dot___proto_dot_swarm__pb2.ProbeReply.FromString,
                 _registered_method=True)
+        self.Rewind = channel.unary_unary(
+                '/swarm.v1.Node/Rewind',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.RewindRequest.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.RewindReply.FromString,
+                _registered_method=True)
+        self.ImportKV = channel.unary_unary(
+                '/swarm.v1.Node/ImportKV',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.ImportKVRequest.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.ImportKVReply.FromString,
+                _registered_method=True)
+        self.Resend = channel.unary_unary(
+                '/swarm.v1.Node/Resend',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.ResendRequest.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.ResendReply.FromString,
+                _registered_method=True)
+        self.Handoff = channel.unary_unary(
+                '/swarm.v1.Node/Handoff',
+                request_serializer=swarm_dot___proto_dot_swarm__pb2.HandoffRequest.SerializeToString,
+                response_deserializer=swarm_dot___proto_dot_swarm__pb2.HandoffReply.FromString,
+                _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/swarm.v1.Node/Ping',
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.PingRequest.SerializeToString,
@@ -411,6 +476,35 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rewind(self, request, context):
+        """Recovery: cut a session back to `length` positions on one shard (undo a step that failed further on).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKV(self, request, context):
+        """Recovery and migration: load a session's KV state (and the outputs its shard had kept) into a shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resend(self, request, context):
+        """Recovery: send the outputs this shard kept for a session, from `from_position` to `to_position`, to
+        the hop that replaces the next node, step by step as first sent (replay with the original batches).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Handoff(self, request, context):
+        """Graceful leave: export a session's KV state and kept outputs and import them on another node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ping(self, request, context):
         """Echo, for round-trip time and bandwidth.
         """
@@ -452,6 +546,26 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=swarm_dot___proto_dot_swarm__pb2.ProbeRequest.FromString,
                     response_serializer=swarm_dot___proto_dot_swarm__pb2.ProbeReply.SerializeToString,
+            ),
+            'Rewind': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rewind,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.RewindRequest.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.RewindReply.SerializeToString,
+            ),
+            'ImportKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportKV,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.ImportKVRequest.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.ImportKVReply.SerializeToString,
+            ),
+            'Resend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resend,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.ResendRequest.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.ResendReply.SerializeToString,
+            ),
+            'Handoff': grpc.unary_unary_rpc_method_handler(
+                    servicer.Handoff,
+                    request_deserializer=swarm_dot___proto_dot_swarm__pb2.HandoffRequest.FromString,
+                    response_serializer=swarm_dot___proto_dot_swarm__pb2.HandoffReply.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
@@ -601,6 +715,114 @@ class Node:
             '/swarm.v1.Node/Probe',
             swarm_dot___proto_dot_swarm__pb2.ProbeRequest.SerializeToString,
             swarm_dot___proto_dot_swarm__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rewind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Node/Rewind',
+            swarm_dot___proto_dot_swarm__pb2.RewindRequest.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.RewindReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Node/ImportKV',
+            swarm_dot___proto_dot_swarm__pb2.ImportKVRequest.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.ImportKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Node/Resend',
+            swarm_dot___proto_dot_swarm__pb2.ResendRequest.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.ResendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Handoff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Node/Handoff',
+            swarm_dot___proto_dot_swarm__pb2.HandoffRequest.SerializeToString,
+            swarm_dot___proto_dot_swarm__pb2.HandoffReply.FromString,
             options,
             channel_credentials,
             insecure,

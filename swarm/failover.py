@@ -1,0 +1,88 @@
+"""Failover vocabulary and decisions: who takes a lost range, how often to checkpoint, what is recorded.
+
+Pure functions and plain records; the coordinator does the I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .layers import LayerRange
+
+# A hop is asked for a KV checkpoint once it has computed this much since its last one, so that
+# rebuilding it elsewhere replays at most about this much compute. A long prompt counts: the step
+# after it checkpoints.
+REPLAY_BUDGET_S = 0.3
+# A node lost this many times within FLAP_WINDOW_S is kept out of plans for a while, doubling each time.
+FLAP_LOSSES = 2
+FLAP_WINDOW_S = 300.0
+FLAP_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A live node that could take a lost range."""
+
+    node_id: str
+    name: str
+    free_bytes: int  # usable memory minus what its current shards need
+    has_file: bool  # already holds the lost range's shard file (no transfer)
+    step_s: float  # predicted compute per decode step for the lost range
+    serves_route: bool  # already hosts a range of the route (no new hop to wake)
+
+
+def choose_successor(need_bytes: int, candidates: list[Candidate]) -> Candidate | None:
+    """The node that should take a lost range of `need_bytes`, or None when none has the memory.
+
+    Nodes that hold the shard file come first (a transfer costs seconds to minutes), then the fastest
+    for this range; ties go to a node already on the route, then to the id.
+    """
+    fits = [c for c in candidates if c.free_bytes >= need_bytes]
+    if not fits:
+        return None
+    return min(fits, key=lambda c: (not c.has_file, round(c.step_s, 4), not c.serves_route, c.node_id))
+
+
+def should_checkpoint(compute_since_s: float) -> bool:
+    """Whether a hop that computed `compute_since_s` since its last checkpoint should hand in another."""
+    return compute_since_s >= REPLAY_BUDGET_S
+
+
+def backoff_s(loss_times: list[float], now: float) -> float:
+    """How long a node that is back after losses at `loss_times` stays out of plans (0: not flapping)."""
+    recent = [t for t in loss_times if now - t <= FLAP_WINDOW_S]
+    if len(recent) < FLAP_LOSSES:
+        return 0.0
+    return FLAP_BACKOFF_S * 2 ** min(len(recent) - FLAP_LOSSES, 5)
+
+
+# Paths, from cheapest to dearest.
+MIGRATE, REPLAY, RECOMPUTE, NONE = "migrate", "replay", "recompute", "none"
+_COST = {MIGRATE: 0, REPLAY: 1, RECOMPUTE: 2, NONE: 3}
+
+
+@dataclass
+class Recovery:
+    """One failure or departure and what was done about it (shown by `swarm status`)."""
+
+    node: str
+    address: str
+    layers: tuple[LayerRange, ...]
+    detection: str  # "call failed", "missed heartbeats for 2.1 s", "left"
+    at_unix: float = field(default_factory=time.time)
+    at: float = field(default_factory=time.monotonic)
+    path: str = NONE
+    sessions: int = 0
+    stall_s: float = 0.0
+    successor: str = ""
+    replayed_positions: int = 0
+    detail: str = ""
+
+    def add_session(self, path: str, stall_s: float, replayed: int) -> None:
+        """Count one session carried through; the record shows the dearest path any session took."""
+        if self.sessions == 0 or _COST[path] > _COST[self.path]:
+            self.path = path
+        self.sessions += 1
+        self.stall_s = max(self.stall_s, stall_s)
+        self.replayed_positions += replayed
