@@ -189,6 +189,7 @@ class RunningNode:
         pbg.add_NodeServicer_to_server(self.service, self.server)
         self.server.start()
         self.node_id: str | None = None
+        self._failing_since: float | None = None  # heartbeats to the coordinator failing since then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._membership_loop, name="membership", daemon=True)
         self._thread.start()
@@ -245,7 +246,7 @@ class RunningNode:
                     log.warning("the coordinator no longer knows this node; joining again")
                     self.node_id = None
                     continue
-                failing_since = None
+                failing_since = self._failing_since = None
             except grpc.RpcError as e:
                 err = wire.from_rpc(e, f"coordinator {self.coordinator_address}")
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
@@ -253,7 +254,7 @@ class RunningNode:
                     self._stop.set()
                     return
                 if failing_since is None:
-                    failing_since = time.monotonic()
+                    failing_since = self._failing_since = time.monotonic()
                     log.warning("%s; retrying", err)
                 elif time.monotonic() - failing_since > 10.0 and self._fixed_coordinator is None:
                     self._forget_coordinator()  # it may have restarted elsewhere: look again
@@ -274,6 +275,8 @@ class RunningNode:
         self._stop.set()  # no more heartbeats: this node is on its way out
         if not node_id or stub is None:
             return 0
+        if self._failing_since is not None:
+            timeout = 3.0  # the coordinator has not answered lately: do not wait long for it
         try:
             reply = stub.Leave(pb.LeaveRequest(node_id=node_id, graceful=True), timeout=timeout)
         except grpc.RpcError as e:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -215,3 +216,44 @@ def test_leave_after_and_status_show_the_recovery(tmp_path, model_path, referenc
         assert r["node"] == "node1" and r["detection"] == "left" and r["path"] in ("migrate", "none")
     finally:
         swarm.close()
+
+
+def test_a_cut_link_between_network_namespaces(tmp_path, model_path, reference):
+    """Coordinator, three nodes and a client each on a host of its own; the middle node's cable is pulled."""
+    from netlab import NetLab
+
+    prompt = PROMPTS[0]
+    _, expected, _ = reference.run(prompt, N)
+    lab = NetLab(5)
+    coordinator = f"{lab.address(0)}:7700"
+    procs = []
+    try:
+        procs.append(Proc(["--model", str(model_path), "--host", lab.address(0), "--port", "7700", "--key", KEY,
+                           "--ctx", "512", "--name", "coord", "--mdns-interface", "off"], tmp_path / "coordinator.log",
+                          prefix=lab.prefix(0)))
+        for i, pin in enumerate(PINS):
+            procs.append(Proc(["--host", lab.address(1 + i), "--key", KEY, "--name", f"node{i}", "--coordinator",
+                               coordinator, "--mdns-interface", "off", *pin], tmp_path / f"node{i}.log",
+                              {"SWARM_CACHE_DIR": str(tmp_path / f"node{i}-cache")}, prefix=lab.prefix(1 + i)))
+        client = subprocess.Popen([*lab.prefix(4), sys.executable, str(Path(__file__).with_name("netns_client.py")),
+                                   coordinator, KEY, prompt, str(N), "4"], stdout=subprocess.PIPE, text=True)
+        cut_at, result = random.randrange(4, 100), None
+        timer = threading.Timer(400, client.kill)  # bounded: a hang fails the test instead of the suite
+        timer.start()
+        for line in client.stdout:
+            event = json.loads(line)
+            if event.get("n") == cut_at:
+                lab.cut(2)
+                cut_time = time.time()
+            result = event
+        timer.cancel()
+        assert client.wait(30) == 0, "\n".join(p.text()[-2000:] for p in procs)
+        assert result["tokens"] == expected
+        (r,) = result["status"]["recoveries"]
+        assert r["node"] == "node1" and r["detection"].startswith("missed heartbeats"), r
+        assert r["path"] == "replay" and r["successor"] == "coord"
+        assert r["at_unix"] - cut_time <= 3.0
+    finally:
+        for p in procs:
+            p.stop()
+        lab.close()

@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Failover on localhost: stall per recovery path against context length, detection time, and the
+steady-state cost of fault tolerance.
+
+This process coordinates (hosting no layers, so it can take any range over: it has every shard file);
+three `swarm join` processes hold 0:6, 6:12 and 12:18. Each trial streams a greedy generation whose
+context holds about C positions when a node is broken, checks the text against the same swarm's
+uninterrupted run, reads the coordinator's recovery record, and restarts the broken node:
+
+- replay: kill -9 of a node (its shard file is on the coordinator: no transfer); the lost range is
+  loaded there, its KV cache restored from the last checkpoint and the steps since replayed;
+- recompute: the same failure with rebuilding from kept states switched off (everything from tokens);
+- migrate: SIGTERM, the node hands each session's KV state to its successor between two steps.
+
+Stall is the coordinator's figure: from detecting the failure to the first token after it.
+Detection is measured from the signal: kill -9 (a dead process) and SIGSTOP (a hung one).
+The steady-state cost compares decode tokens/s with failover on and off (`swarm join --no-failover`),
+alternating round by round on one swarm, at a short and a long context.
+
+    python scripts/bench_recovery.py                      # contexts 128,512,2048, 3 rounds
+    python scripts/bench_recovery.py --contexts 128,2048 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+TEXT = (
+    "The history of the llama begins in the high Andes, where people first kept these animals for their wool, "
+    "their meat and their strength as pack animals. Over many centuries the herds grew, and trade routes "
+    "followed the paths the llamas could walk. "
+)
+KILL_AT = 32  # tokens generated before the failure
+CTX = 2304  # room for a 2048-position context and the tokens after it
+NODES = ["0:6", "6:12", "12:18"]
+
+
+class Bench:
+    def __init__(self, model, threads: int):
+        from swarm import join
+        from swarm.client import SwarmClient
+
+        self.model, self.threads = model, threads
+        self.running = join.start_coordinator(
+            model, swarm=f"bench-recovery-{os.getpid()}", host="127.0.0.1", port=0, threads=threads, n_ctx=CTX,
+            max_sessions=2, mdns_interface="off", name="coordinator")
+        self.coordinator = self.running.coordinator
+        self.logs = open(os.devnull, "wb")
+        self.procs: dict[str, subprocess.Popen] = {}
+        for layers in NODES:
+            self.start_node(layers)
+        self.client = SwarmClient(self.running.address, key=self.running.key)
+        self.wait_ready()
+
+    def start_node(self, layers: str) -> None:
+        cmd = [sys.executable, "-m", "swarm.cli", "join", "--coordinator", self.running.address, "--host", "127.0.0.1",
+               "--mdns-interface", "off", "--name", f"node-{layers}", "--layers", layers, "--threads", str(self.threads)]
+        env = dict(os.environ, SWARM_KEY=self.running.key)
+        self.procs[layers] = subprocess.Popen(cmd, stdout=self.logs, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.client.status()
+            spans = sorted((n["layers"]["start"], n["layers"]["end"]) for n in status["nodes"] if n["has_layers"])
+            if status["state"] == "ready" and spans == [(0, 6), (6, 12), (12, 18)] and not any(
+                    n["extra_layers"] for n in status["nodes"]):
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the swarm did not get ready: {status['detail']}")
+            time.sleep(0.2)
+
+    def prompt(self, context: int) -> str:
+        """A prompt of context - KILL_AT tokens, so the session holds about `context` positions at the failure."""
+        tok = self.coordinator.tokenizer
+        words = (TEXT * (1 + context // 20)).split(" ")
+        lo, hi = 1, len(words)
+        while lo < hi:  # the longest prefix that stays within the budget
+            mid = (lo + hi + 1) // 2
+            if len(tok.tokenize(" ".join(words[:mid]))) <= context - KILL_AT:
+                lo = mid
+            else:
+                hi = mid - 1
+        return " ".join(words[:lo])
+
+    def trial(self, prompt: str, n: int, layers: str, sig: int, expected: list[int]) -> dict:
+        before = len(self.client.status()["recoveries"])
+        gen = self.client.generate(prompt, max_tokens=n)
+        signalled = None
+        for _ in gen:
+            if signalled is None and len(gen.result.tokens) >= KILL_AT:
+                signalled = time.time()
+                self.procs[layers].send_signal(sig)
+        if sig == signal.SIGSTOP:
+            self.procs[layers].send_signal(signal.SIGCONT)
+        records = self.client.status()["recoveries"][before:]
+        if gen.result.tokens != expected:
+            raise SystemExit(f"the text after the failure of {layers} differs from the uninterrupted run")
+        if len(records) != 1:
+            raise SystemExit(f"expected one recovery record, got {records}")
+        self.procs[layers].kill()
+        self.procs[layers].wait()
+        self.start_node(layers)
+        self.wait_ready()
+        r = records[0]
+        return {"stall_ms": r["stall_ms"], "detect_ms": 1e3 * (r["at_unix"] - signalled), "path": r["path"],
+                "replayed": r["replayed_positions"], "detail": r["detail"]}
+
+    def decode_tps(self, prompt: str, n: int) -> tuple[float, int]:
+        gen = self.client.generate(prompt, max_tokens=n)
+        for _ in gen:
+            pass
+        held = sum(len(blob) for s in self.coordinator._sessions.values() for _, blob in s.checkpoints.values())
+        return gen.result.tokens_per_s, held
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.client.close()
+        self.running.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--contexts", default="128,512,2048")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    from swarm.engine import default_threads
+    from swarm.models import resolve_model
+
+    model = resolve_model(args.model)
+    threads = args.threads or default_threads()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    bench = Bench(model, threads)
+    n = 2 * KILL_AT
+    rows, detect, cost = [], {"kill -9": [], "SIGSTOP": []}, []
+    try:
+        for context in contexts:
+            prompt = bench.prompt(context)
+            expected = bench.client.complete(prompt, max_tokens=n).tokens
+            cases = [("replay", "6:12", signal.SIGKILL), ("replay", "12:18", signal.SIGKILL),
+                     ("recompute", "6:12", signal.SIGKILL), ("migrate", "6:12", signal.SIGTERM),
+                     ("migrate", "12:18", signal.SIGTERM)]
+            for path, layers, sig in cases:
+                runs = []
+                for _ in range(args.rounds):
+                    bench.coordinator.recompute_only = path == "recompute"
+                    try:
+                        runs.append(bench.trial(prompt, n, layers, sig, expected))
+                    finally:
+                        bench.coordinator.recompute_only = False
+                    if sig == signal.SIGKILL and path == "replay":
+                        detect["kill -9"].append(runs[-1]["detect_ms"])
+                got = {r["path"] for r in runs}
+                if got != {path}:
+                    raise SystemExit(f"expected path {path}, the swarm took {got}")
+                rows.append((context, path, layers, statistics.median(r["stall_ms"] for r in runs),
+                             statistics.median(r["replayed"] for r in runs), runs[-1]["detail"]))
+                print(f"context {context}: {path} of {layers}: {rows[-1][3]:.0f} ms", file=sys.stderr)
+        prompt = bench.prompt(contexts[0])
+        expected = bench.client.complete(prompt, max_tokens=n).tokens
+        for _ in range(args.rounds):
+            detect["SIGSTOP"].append(bench.trial(prompt, n, "6:12", signal.SIGSTOP, expected)["detect_ms"])
+        for context in (contexts[0], contexts[-1]):
+            prompt = bench.prompt(context)
+            on, off, held = [], [], []
+            for r in range(args.rounds + 2):
+                for enabled in (True, False) if r % 2 else (False, True):
+                    bench.coordinator.failover_enabled = enabled
+                    tps, blobs = bench.decode_tps(prompt, 128)
+                    (on if enabled else off).append(tps)
+                    if enabled:
+                        held.append(blobs)
+            bench.coordinator.failover_enabled = True
+            cost.append((context, statistics.median(on), statistics.median(off), max(held)))
+    finally:
+        bench.close()
+
+    print(f"model {model.name}, {threads} threads per process, median of {args.rounds} rounds; "
+          f"failure after {KILL_AT} generated tokens\n")
+    print("| context at failure | path | lost range | stall ms | positions replayed | breakdown |")
+    print("|---|---|---|---|---|---|")
+    for context, path, layers, stall, replayed, detail in rows:
+        print(f"| {context} | {path} | {layers} | {stall:.0f} | {replayed:.0f} | {detail} |")
+    print("\n| failure | detected after (ms), median | max |")
+    print("|---|---|---|")
+    for what, values in detect.items():
+        if values:
+            print(f"| {what} | {statistics.median(values):.0f} | {max(values):.0f} |")
+    print("\n| context | decode tok/s, failover on | off | on / off | checkpoints held per session (MB) |")
+    print("|---|---|---|---|---|")
+    for context, on, off, held in cost:
+        print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {on / off:.1%} | {held / 1e6:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
