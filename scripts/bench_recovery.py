@@ -51,7 +51,7 @@ class Bench:
             model, swarm=f"bench-recovery-{os.getpid()}", host="127.0.0.1", port=0, threads=threads, n_ctx=CTX,
             max_sessions=2, mdns_interface="off", name="coordinator")
         self.coordinator = self.running.coordinator
-        self.logs = open(os.devnull, "wb")
+        self.logs = open(os.environ.get("BENCH_NODE_LOG", os.devnull), "ab")
         self.procs: dict[str, subprocess.Popen] = {}
         for layers in NODES:
             self.start_node(layers)
@@ -68,10 +68,10 @@ class Bench:
         deadline = time.monotonic() + timeout
         while True:
             status = self.client.status()
-            spans = sorted((n["layers"]["start"], n["layers"]["end"]) for n in status["nodes"] if n["has_layers"])
-            if status["state"] == "ready" and spans == [(0, 6), (6, 12), (12, 18)] and not any(
+            held = {n["name"]: f"{n['layers']['start']}:{n['layers']['end']}" for n in status["nodes"] if n["has_layers"]}
+            if status["state"] == "ready" and held == {f"node-{r}": r for r in NODES} and not any(
                     n["extra_layers"] for n in status["nodes"]):
-                return
+                return  # every node back on its own range
             if time.monotonic() > deadline:
                 raise SystemExit(f"the swarm did not get ready: {status['detail']}")
             time.sleep(0.2)
@@ -97,8 +97,8 @@ class Bench:
             if signalled is None and len(gen.result.tokens) >= KILL_AT:
                 signalled = time.time()
                 self.procs[layers].send_signal(sig)
-        if sig == signal.SIGSTOP:
-            self.procs[layers].send_signal(signal.SIGCONT)
+        if sig == signal.SIGTERM:
+            self.procs[layers].wait(60)  # it hands over, then exits by itself
         records = self.client.status()["recoveries"][before:]
         if gen.result.tokens != expected:
             raise SystemExit(f"the text after the failure of {layers} differs from the uninterrupted run")
@@ -114,9 +114,10 @@ class Bench:
 
     def decode_tps(self, prompt: str, n: int) -> tuple[float, int]:
         gen = self.client.generate(prompt, max_tokens=n)
-        for _ in gen:
-            pass
-        held = sum(len(blob) for s in self.coordinator._sessions.values() for _, blob in s.checkpoints.values())
+        held = 0
+        for i, _ in enumerate(gen):  # the coordinator's checkpoints of this session, at their largest
+            if i % 32 == 31:
+                held = max(held, sum(int(s["checkpoint_bytes"]) for s in self.client.status()["sessions"]))
         return gen.result.tokens_per_s, held
 
     def close(self) -> None:
@@ -133,6 +134,10 @@ class Bench:
 
 
 def main() -> int:
+    import logging
+
+    if os.environ.get("BENCH_LOG"):
+        logging.basicConfig(filename=os.environ["BENCH_LOG"], level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--rounds", type=int, default=3)
@@ -147,7 +152,7 @@ def main() -> int:
     threads = args.threads or default_threads()
     contexts = [int(c) for c in args.contexts.split(",")]
     bench = Bench(model, threads)
-    n = 2 * KILL_AT
+    n = KILL_AT + 96  # enough steps after the signal for a leaving node's handover to land mid-generation
     rows, detect, cost = [], {"kill -9": [], "SIGSTOP": []}, []
     try:
         for context in contexts:

@@ -209,6 +209,18 @@ class Coordinator:
         pin = wire.layer_range(request.pin) if request.has_pin else None
         if pin is not None:
             pin.check_within(self.n_layer)
+        if pin is not None:
+            # A node restarted under the same pin may find its old self not yet declared lost: if that
+            # one does not answer, the newcomer replaces it.
+            with self._cond:
+                rivals = [m for m in self._members.values() if not m.is_self and m.address != address
+                          and m.pin is not None and pin.start < m.pin.end and m.pin.start < pin.end]
+            for m in rivals:
+                if self._unreachable((RouteHop(m.node_id, m.address, m.pin, False),)):
+                    with self._cond:
+                        if self._members.pop(m.node_id, None) is not None:
+                            self._on_member_gone(m, f"does not answer; {name} at {address} takes its pin {m.pin}",
+                                                 "did not answer when a node with its pin joined")
         with self._cond:
             # A node that restarts comes back at the same address: it replaces its old self.
             for old in [m for m in self._members.values() if m.address == address and not m.is_self]:
@@ -814,8 +826,8 @@ class Coordinator:
                         self._on_member_gone(m, f"failed during a step ({error})", "call failed")
         if not dead:  # nobody is down: a passing network error; undo the step everywhere and try again
             log.warning("session %s: step %d failed but every node answers (%s); retrying", sid, start, error)
-            self._rewind(sid, session.route, start, skip=())
-            return [], failover.NONE, 0, detected
+            path, replayed = self._rebuild(sid, session, start, {})
+            return [], path, replayed, detected
         replaced = {}
         for i, hop in enumerate(session.route):
             if hop in dead:
@@ -826,11 +838,10 @@ class Coordinator:
             session.route = route
             session.checkpoints = {r: c for r, c in session.checkpoints.items() if c[0] <= start}
             self._route = self._patched(self._route)
+            if all(h.is_self or h.node_id in self._members for h in route):
+                session.interrupted = ""  # set for this session by the loss it is getting over now
         path, replayed = self._rebuild(sid, session, start, replaced)
         rebuilt = time.monotonic()
-        with self._cond:
-            if all(h.is_self or h.node_id in self._members for h in session.route):
-                session.interrupted = ""  # set for this session by the loss it just got over
         records = []
         with self._cond:
             for i, new in replaced.items():
@@ -1009,17 +1020,22 @@ class Coordinator:
                      if h.node_id in self._leaving and h.layers in self._leaving[h.node_id]]
         for i, old, new in moves:
             t0 = time.monotonic()
-            self._open(sid, session, new, history=session.tokens)
+            path, replayed = failover.MIGRATE, 0
             try:
+                self._open(sid, session, new, history=session.tokens)
                 self._call(old, "Handoff", pb.HandoffRequest(
                     session_id=sid, layers=_span(old.layers), to=pb.Hop(address=new.address, layers=_span(new.layers))))
-            except PeerError:
-                raise  # it died before handing over: recovered like any other failure
+                with self._cond:
+                    session.route = session.route[:i] + (new,) + session.route[i + 1:]
+            except SwarmError as e:  # the handover failed: rebuild the range on the successor instead
+                log.warning("session %s: handing layers %s over failed (%s); rebuilding them", sid, old.layers, e)
+                with self._cond:
+                    session.route = session.route[:i] + (new,) + session.route[i + 1:]
+                path, replayed = self._rebuild(sid, session, session.positions, {i: new})
             with self._cond:
-                session.route = session.route[:i] + (new,) + session.route[i + 1:]
                 record = self._recovery_of.get(old.node_id)
                 if record is not None:
-                    record.add_session(failover.MIGRATE, time.monotonic() - t0, 0)
+                    record.add_session(path, time.monotonic() - t0, replayed)
                 self._cond.notify_all()
 
     def _call(self, hop: RouteHop, method: str, request):
@@ -1074,7 +1090,8 @@ class Coordinator:
                 reply.measured_decode_tps = statistics.median(self._measured)
                 reply.measured_sessions = len(self._measured)
             for sid, s in self._sessions.items():
-                reply.sessions.add(session_id=sid, positions=s.positions, generated=s.generated, age_s=now - s.started)
+                reply.sessions.add(session_id=sid, positions=s.positions, generated=s.generated, age_s=now - s.started,
+                                   checkpoint_bytes=sum(len(blob) for _, blob in s.checkpoints.values()))
             for r in self._recoveries:
                 rec = reply.recoveries.add(
                     at_unix=r.at_unix, node=r.node, address=r.address, detection=r.detection, path=r.path,

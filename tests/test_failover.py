@@ -111,7 +111,7 @@ def test_sigterm_hands_the_sessions_over_without_recomputing(tmp_path, model_pat
         other = threading.Thread(target=lambda: results.update(
             other=SwarmClient(swarm.address, key=KEY).complete(prompts[1], max_tokens=N).tokens))
         other.start()  # a second session running through the same nodes
-        tokens, _ = _generate_breaking(swarm, prompts[0], [(random.randrange(4, 100), _kill(swarm, "6:12", signal.SIGTERM))])
+        tokens, _ = _generate_breaking(swarm, prompts[0], [(random.randrange(4, 80), _kill(swarm, "6:12", signal.SIGTERM))])
         other.join(120)
         assert tokens == expected[0] and results["other"] == expected[1]
         (r,) = _recoveries(swarm)
@@ -257,3 +257,25 @@ def test_a_cut_link_between_network_namespaces(tmp_path, model_path, reference):
         for p in procs:
             p.stop()
         lab.close()
+
+
+def test_a_node_restarted_under_the_same_pin_replaces_its_hung_old_self(tmp_path, model_path, reference):
+    swarm = _swarm(tmp_path, model_path)
+    try:
+        swarm.procs[2].p.send_signal(signal.SIGSTOP)  # hung, and not yet declared lost
+        swarm.procs.append(Proc(["--host", "127.0.0.1", "--key", KEY, "--name", "again", "--coordinator", swarm.address,
+                                 "--mdns-interface", "off", "--layers", "6:12"], tmp_path / "again.log",
+                                {"SWARM_CACHE_DIR": str(tmp_path / "again-cache")}))
+        deadline = time.monotonic() + 120
+        while True:
+            assert swarm.procs[-1].p.poll() is None, swarm.procs[-1].text()
+            held = {n["name"]: n for n in swarm.client.status()["nodes"] if n["has_layers"]}
+            if "again" in held and swarm.client.status()["state"] == "ready":
+                break
+            assert time.monotonic() < deadline, swarm.procs[-1].text()
+            time.sleep(0.3)
+        assert _span(held["again"]["layers"]) == "6:12" and "node1" not in held
+        assert swarm.client.complete(PROMPTS[0], max_tokens=32).tokens == reference.run(PROMPTS[0], N)[1][:32]
+    finally:
+        swarm.procs[2].p.kill()
+        swarm.close()
