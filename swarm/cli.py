@@ -135,6 +135,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     pin = LayerRange.parse(args.layers) if args.layers else None
     max_memory = join.parse_size(args.max_memory) if args.max_memory else 0
     leave_after_s = join.parse_duration(args.leave_after) if args.leave_after else None
+    if leave_after_s and args.model:
+        raise BadInputError("--leave-after is for nodes; the coordinator holds the model and cannot hand it over")
     key = args.key or os.environ.get("SWARM_KEY")
     name = args.name or socket.gethostname()
     stop = threading.Event()

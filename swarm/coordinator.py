@@ -33,7 +33,7 @@ from . import placement, planner, wire
 from .cache import file_digest
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
-from .engine import Tokenizer
+from .engine import Tokenizer, kv_positions, kv_shard_id
 from .errors import BadInputError, KVStateError, NotReadyError, PeerError, ShardRangeError, SwarmError
 from . import failover
 from .failover import Recovery
@@ -118,14 +118,22 @@ class _Session:
     prompt_len: int = 0
     # Recovery state: the newest KV checkpoint of each hop (positions, blob), and per hop the compute
     # since it, in seconds and steps; hops to ask for one with the next step.
-    checkpoints: dict[LayerRange, tuple[int, bytes]] = field(default_factory=dict)
+    checkpoints: dict[LayerRange, list[tuple[int, bytes]]] = field(default_factory=dict)
     since: dict[LayerRange, list] = field(default_factory=dict)
     pending: set[LayerRange] = field(default_factory=set)
     inflight: object = None  # the step's future while it waits on a remote first hop
     interrupted: str = ""  # why the heartbeat watcher stopped the step in flight
+    epoch: int = 0  # raised by every recovery; nodes refuse steps of older attempts
+
+    def checkpoint(self, layers: LayerRange, upto: int) -> tuple[int, bytes]:
+        """The newest checkpoint of `layers` at `upto` positions or fewer: (positions, blob), (0, b'') if none."""
+        return max((c for c in self.checkpoints.get(layers, ()) if c[0] <= upto), default=(0, b""),
+                   key=lambda c: c[0])
 
     def kept_from(self, layers: LayerRange) -> int:
-        return self.checkpoints[layers][0] if layers in self.checkpoints else 0
+        """Where the previous hop may let go of what it kept: the newest checkpoint of a step that completed
+        (one taken by a step that then failed further on must not count)."""
+        return self.checkpoint(layers, self.positions)[0]
 
 
 class Coordinator:
@@ -170,6 +178,7 @@ class Coordinator:
         self._state, self._detail = "planning", "planning placement"
         self._dirty = True
         self._files: dict[str, Path] = {}
+        self._shard_ids: dict[LayerRange, str] = {}  # the shard file cut for each range
         self._sessions: dict[str, _Session] = {}
         self._slots = threading.Semaphore(max_sessions)
         self._waiting = 0
@@ -272,7 +281,8 @@ class Coordinator:
             m.state, m.detail = "leaving", "handing its sessions over"
         record = Recovery(m.name, m.address, tuple(used), "left")
         try:
-            successors = {r: self._take_over(m, r) for r in used}
+            with self._takeover:  # one decision at a time: two could pick the same node's memory
+                successors = {r: self._take_over(m, r) for r in used}
         except SwarmError as e:
             log.warning("node %s leaves, but %s; its sessions will be rebuilt", m.name, e)
             with self._cond:
@@ -349,8 +359,7 @@ class Coordinator:
                         self._dirty = True
                         self._cond.notify_all()
                 for m in list(self._members.values()):
-                    # A leaving node stops its heartbeats; leave() bounds how long it may take.
-                    if not m.is_self and m.state != "leaving" and now - m.last_seen > LOST_AFTER_S:
+                    if not m.is_self and now - m.last_seen > LOST_AFTER_S:
                         del self._members[m.node_id]
                         silent = now - m.last_seen
                         self._on_member_gone(m, f"missed its heartbeats for {silent:.1f} s",
@@ -419,6 +428,7 @@ class Coordinator:
         )
         with self._cond:
             self._files[spec.shard_id] = shard.path
+            self._shard_ids[layers] = spec.shard_id
         return spec
 
     def _measure(self, members: list[Member]) -> None:
@@ -666,9 +676,8 @@ class Coordinator:
         raise BadInputError("a generate request needs a prompt or chat messages")
 
     def _run(self, sid, session: _Session, tokens, budget, stops, want_timings, is_active):
-        for hop in session.route:
-            self._call(hop, "OpenSession", pb.OpenSessionRequest(
-                session_id=sid, layers=wire.span(hop.layers), sampling=wire.sampling_to_pb(session.sampling)))
+        # A node lost just before the session started is carried over like one lost during a step.
+        self._advance(sid, session, [], 0, sample=False)
         yield pb.GenerateEvent(started=pb.GenerateEvent.Started(session_id=sid, prompt_tokens=len(tokens)))
         t0 = time.perf_counter()
         reply = None
@@ -730,6 +739,11 @@ class Coordinator:
                     failed = ""
                 if self._leaving:
                     self._migrate(sid, session)
+                if not tokens:  # the session's start: open it on every hop
+                    for hop in session.route:
+                        self._open(sid, session, hop, history=())
+                    reply = pb.ForwardReply()
+                    break
                 reply = self._forward(sid, session, tokens, start, sample)
                 break
             except PeerError as e:
@@ -752,13 +766,16 @@ class Coordinator:
         """The step's message: the route, which hops checkpoint, and what each keeps for the next hop."""
         route = session.route
         flags = [h.layers in session.pending for h in route]
-        keep = [session.kept_from(route[i + 1].layers) if i + 1 < len(route) and self.failover_enabled else _KEEP_NOTHING
+        # What each hop keeps for the next: from that one's newest checkpoint; nothing for the coordinator's
+        # own hop (it never needs rebuilding) or with failover off.
+        keep = [session.kept_from(route[i + 1].layers)
+                if i + 1 < len(route) and self.failover_enabled and not route[i + 1].is_self else _KEEP_NOTHING
                 for i in range(len(route))]
         hops = [pb.Hop(address=h.address, layers=_span(h.layers), checkpoint=f, keep_from=k)
                 for h, f, k in zip(route[1:], flags[1:], keep[1:])]
         return pb.ForwardRequest(
             session_id=sid, start=start, n_positions=len(tokens), tokens=tokens, layers=_span(route[0].layers),
-            next=hops, sample=sample, checkpoint=flags[0], keep_from=keep[0],
+            next=hops, sample=sample, checkpoint=flags[0], keep_from=keep[0], epoch=session.epoch,
         )
 
     def _forward(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool) -> pb.ForwardReply:
@@ -803,19 +820,29 @@ class Coordinator:
     def store_checkpoint(self, checkpoint: pb.Checkpoint) -> None:
         """Keep a hop's KV checkpoint with its session (the newest only); freed when the session ends."""
         layers = wire.layer_range(checkpoint.layers)
+        blob, positions = bytes(checkpoint.kv), int(checkpoint.positions)
         with self._cond:
             session = self._sessions.get(checkpoint.session_id)
             if session is None or all(h.layers != layers for h in session.route):
                 return  # the session ended or moved on
-            old = session.checkpoints.get(layers)
-            if old is None or checkpoint.positions >= old[0]:
-                session.checkpoints[layers] = (int(checkpoint.positions), bytes(checkpoint.kv))
+            shard_id = self._shard_ids.get(layers)
+            limit = session.positions + self.n_batch
+        # Checked before it counts: a wrong one would let the previous hop drop what a rebuild needs.
+        if kv_positions(blob) != positions or kv_shard_id(blob) != shard_id or positions > limit:
+            raise BadInputError(f"checkpoint of layers {layers} does not match session {checkpoint.session_id!r}")
+        with self._cond:
+            confirmed = session.kept_from(layers)
+            # The newest checkpoint of a completed step, and any newer one of a step still under way.
+            session.checkpoints[layers] = sorted(
+                [c for c in session.checkpoints.get(layers, []) if c[0] >= confirmed and c[0] != positions]
+                + [(positions, blob)])[-3:]
 
     def _recover(self, sid: str, session: _Session, start: int, error: str):
         """Carry a session whose step at `start` failed over to live nodes; (records, path, replayed, detected)."""
         detected = time.monotonic()
         with self._cond:
             session.interrupted = ""
+            session.epoch += 1  # steps of the attempt that failed are refused from now on
             dead = [h for h in session.route if not h.is_self and h.node_id not in self._members]
         if not dead:
             dead = self._unreachable(session.route)
@@ -836,7 +863,6 @@ class Coordinator:
         route = tuple(replaced.get(i, h) for i, h in enumerate(session.route))
         with self._cond:
             session.route = route
-            session.checkpoints = {r: c for r, c in session.checkpoints.items() if c[0] <= start}
             self._route = self._patched(self._route)
             if all(h.is_self or h.node_id in self._members for h in route):
                 session.interrupted = ""  # set for this session by the loss it is getting over now
@@ -855,7 +881,8 @@ class Coordinator:
         return records, path, replayed, detected
 
     def _unreachable(self, route: tuple[RouteHop, ...]) -> list[RouteHop]:
-        """The remote hops of `route` that do not answer a ping (twice) within PING_TIMEOUT_S."""
+        """The remote hops of `route` that are down: a ping is refused, or times out twice
+        (PING_TIMEOUT_S) from a node whose heartbeats have also stopped (a busy node still heartbeats)."""
         remote = [h for h in route if not h.is_self]
 
         def down(h: RouteHop) -> bool:
@@ -863,9 +890,12 @@ class Coordinator:
                 try:
                     self._stub(h.address).Ping(pb.PingRequest(), timeout=PING_TIMEOUT_S)
                     return False
-                except grpc.RpcError:
-                    pass
-            return True
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        return True  # nothing listens there any more
+            with self._cond:
+                m = self._members.get(h.node_id)
+                return m is None or time.monotonic() - m.last_seen > 2 * HEARTBEAT_S
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
             return [h for h, d in zip(remote, pool.map(down, remote)) if d]
@@ -873,7 +903,8 @@ class Coordinator:
     def _successor(self, lost: RouteHop, route: tuple[RouteHop, ...]) -> RouteHop:
         """The hop that replaces `lost` (decided once per lost node and range; later sessions reuse it)."""
         with self._takeover:
-            done = self._replacements.get((lost.node_id, lost.layers))
+            done = self._replacements.get((lost.node_id, lost.layers)) or self._leaving.get(
+                lost.node_id, {}).get(lost.layers)  # a node that died while handing over: its successor is ready
             with self._cond:
                 if done is not None and done.node_id in self._members:
                     return done
@@ -936,10 +967,11 @@ class Coordinator:
             out.append(h)
         return tuple(out)
 
-    def _rewind(self, sid: str, route: tuple[RouteHop, ...], length: int, skip) -> None:
-        for i, hop in enumerate(route):
+    def _rewind(self, sid: str, session: _Session, length: int, skip) -> None:
+        for i, hop in enumerate(session.route):
             if i not in skip:
-                self._call(hop, "Rewind", pb.RewindRequest(session_id=sid, layers=_span(hop.layers), length=length))
+                self._call(hop, "Rewind", pb.RewindRequest(session_id=sid, layers=_span(hop.layers), length=length,
+                                                           epoch=session.epoch))
 
     def _rebuild(self, sid: str, session: _Session, start: int, replaced: dict[int, RouteHop]) -> tuple[str, int]:
         """Bring the replaced hops of a session to `start` positions; ('replay' or 'recompute', positions run)."""
@@ -947,8 +979,9 @@ class Coordinator:
         try:
             if self.recompute_only:
                 raise KVStateError("rebuilding from kept states is switched off")
-            self._rewind(sid, route, start, skip=replaced)
-            base = {i: self._checkpoint_at(session, route[i].layers, start) for i in replaced}
+            self._rewind(sid, session, start, skip=replaced)
+            with self._cond:
+                base = {i: session.checkpoint(route[i].layers, start) for i in replaced}
             replayed = 0
             for i in sorted(replaced):
                 hop, (at, blob) = route[i], base[i]
@@ -957,17 +990,17 @@ class Coordinator:
                 keep = base[i + 1][0] if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
                 self._open(sid, session, hop, history=session.tokens[:at])
                 self._call(hop, "ImportKV", pb.ImportKVRequest(session_id=sid, layers=_span(hop.layers), kv=blob,
-                                                               keep_from=keep))
+                                                               keep_from=keep, epoch=session.epoch))
                 if i == 0:
                     for b_start, b_tokens in self._batches(session, at, start):
                         self._call(hop, "Forward", pb.ForwardRequest(
                             session_id=sid, start=b_start, n_positions=len(b_tokens), tokens=b_tokens,
-                            layers=_span(hop.layers), replay=True, keep_from=keep))
+                            layers=_span(hop.layers), replay=True, keep_from=keep, epoch=session.epoch))
                 else:
                     up = route[i - 1]
                     self._call(up, "Resend", pb.ResendRequest(
                         session_id=sid, layers=_span(up.layers), from_position=at, to_position=start,
-                        to=pb.Hop(address=hop.address, layers=_span(hop.layers), keep_from=keep)))
+                        to=pb.Hop(address=hop.address, layers=_span(hop.layers), keep_from=keep), epoch=session.epoch))
                 replayed += start - at
             path = failover.REPLAY
         except (KVStateError, BadInputError) as e:
@@ -976,6 +1009,7 @@ class Coordinator:
             with self._cond:
                 session.checkpoints.clear()
                 session.since.clear()
+                session.pending.clear()  # no checkpoints while the tokens run through again
             for hop in route:
                 self._open(sid, session, hop, history=())
             for b_start, b_tokens in self._batches(session, 0, start):
@@ -984,12 +1018,6 @@ class Coordinator:
         # Checkpoint every remote hop with the next step, so what each keeps is consistent again.
         session.pending = {h.layers for h in route if not h.is_self}
         return path, replayed
-
-    def _checkpoint_at(self, session: _Session, layers: LayerRange, start: int) -> tuple[int, bytes]:
-        """The newest checkpoint of `layers` not beyond `start`: (positions, blob); (0, b'') when none."""
-        with self._cond:
-            at, blob = session.checkpoints.get(layers, (0, b""))
-        return (at, blob) if at <= start else (0, b"")
 
     def _batches(self, session: _Session, frm: int, to: int) -> list[tuple[int, list[int]]]:
         """The session's positions frm..to-1 as they were first run: prompt pieces of n_batch, then one by one."""
@@ -1011,7 +1039,7 @@ class Coordinator:
         keep = max(256, session.sampling.repeat_last_n)
         self._call(hop, "OpenSession", pb.OpenSessionRequest(
             session_id=sid, layers=_span(hop.layers), sampling=wire.sampling_to_pb(session.sampling),
-            history=list(history)[-keep:]))
+            history=list(history)[-keep:], epoch=session.epoch))
 
     def _migrate(self, sid: str, session: _Session) -> None:
         """Between two steps: hand the session's state on every leaving hop over to its successor."""
@@ -1024,7 +1052,8 @@ class Coordinator:
             try:
                 self._open(sid, session, new, history=session.tokens)
                 self._call(old, "Handoff", pb.HandoffRequest(
-                    session_id=sid, layers=_span(old.layers), to=pb.Hop(address=new.address, layers=_span(new.layers))))
+                    session_id=sid, layers=_span(old.layers), to=pb.Hop(address=new.address, layers=_span(new.layers)),
+                    epoch=session.epoch))
                 with self._cond:
                     session.route = session.route[:i] + (new,) + session.route[i + 1:]
             except SwarmError as e:  # the handover failed: rebuild the range on the successor instead
@@ -1091,7 +1120,7 @@ class Coordinator:
                 reply.measured_sessions = len(self._measured)
             for sid, s in self._sessions.items():
                 reply.sessions.add(session_id=sid, positions=s.positions, generated=s.generated, age_s=now - s.started,
-                                   checkpoint_bytes=sum(len(blob) for _, blob in s.checkpoints.values()))
+                                   checkpoint_bytes=sum(len(b) for cs in s.checkpoints.values() for _, b in cs))
             for r in self._recoveries:
                 rec = reply.recoveries.add(
                     at_unix=r.at_unix, node=r.node, address=r.address, detection=r.detection, path=r.path,

@@ -526,6 +526,16 @@ class Shard:
             self.close()
 
 
+def kv_positions(blob: bytes) -> int:
+    """How many positions a blob from `export_kv` holds (its header, checked)."""
+    return int(_parse_kv_blob(blob)[0]["n_past"])
+
+
+def kv_shard_id(blob: bytes) -> str:
+    """The id of the shard a blob from `export_kv` belongs to (its header, checked)."""
+    return str(_parse_kv_blob(blob)[0]["shard_id"])
+
+
 def _parse_kv_blob(blob: bytes) -> tuple[dict, bytes]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise KVStateError("a KV state must be bytes from Shard.export_kv")

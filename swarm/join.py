@@ -190,6 +190,7 @@ class RunningNode:
         self.server.start()
         self.node_id: str | None = None
         self._failing_since: float | None = None  # heartbeats to the coordinator failing since then
+        self._leaving = False  # handing over: keep heartbeating, never join again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._membership_loop, name="membership", daemon=True)
         self._thread.start()
@@ -237,6 +238,9 @@ class RunningNode:
         while not self._stop.is_set():
             try:
                 if self.node_id is None:
+                    if self._leaving:
+                        self._stop.wait(0.1)
+                        continue
                     self._join()
                 reply = self._coordinator_stub().Heartbeat(
                     pb.HeartbeatRequest(node_id=self.node_id, resources=resources(self.max_memory, self.threads)),
@@ -272,8 +276,9 @@ class RunningNode:
         shipped from here) and answers once they run there; this node keeps serving until then.
         Returns how many sessions moved."""
         node_id, stub = self.node_id, self._stub
-        self._stop.set()  # no more heartbeats: this node is on its way out
+        self._leaving = True  # heartbeats go on while the sessions move, so a death meanwhile is noticed
         if not node_id or stub is None:
+            self._stop.set()
             return 0
         if self._failing_since is not None:
             timeout = 3.0  # the coordinator has not answered lately: do not wait long for it
@@ -282,6 +287,8 @@ class RunningNode:
         except grpc.RpcError as e:
             log.warning("leaving: %s", wire.from_rpc(e, f"coordinator {self.coordinator_address}"))
             return 0
+        finally:
+            self._stop.set()
         if reply.detail:
             log.warning("leaving: %s", reply.detail)
         log.info("left the swarm; %d session(s) handed over", reply.migrated_sessions)

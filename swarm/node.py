@@ -54,14 +54,29 @@ class LoadedShard:
     samplers: dict[str, Sampler] = field(default_factory=dict)
     kept: OutputLog = field(default_factory=OutputLog)  # outputs sent onward, for the next hop's recovery
     steps: dict[str, int] = field(default_factory=dict)  # per session, bumped by every step and rewind
+    epochs: dict[str, int] = field(default_factory=dict)  # per session, the newest attempt seen
+    too_big: set[str] = field(default_factory=set)  # sessions whose KV state outgrew a message
+    # Held across (attempt check, compute, step count) and across rewinds, so a stale step cannot slip
+    # between a recovery's rewind and the retried step.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def bump(self, session: str) -> int:
         self.steps[session] = n = self.steps.get(session, 0) + 1
         return n
 
+    def enter(self, session: str, epoch: int) -> None:
+        """Refuse a step of an older attempt (it was overtaken by a recovery); call with `lock` held."""
+        current = self.epochs.get(session, 0)
+        if epoch < current:
+            raise BadInputError(f"stale step of session {session!r} (attempt {epoch}, the session is at attempt "
+                                f"{current}); it was overtaken by a recovery")
+        self.epochs[session] = epoch
+
     def forget(self, session: str) -> None:
         self.samplers.pop(session, None)
         self.steps.pop(session, None)
+        self.epochs.pop(session, None)
+        self.too_big.discard(session)
         self.kept.drop(session)
         self.shard.drop_session(session)
 
@@ -259,11 +274,13 @@ class NodeService(pbg.NodeServicer):
             if now - used > SESSION_IDLE_S:
                 log.warning("dropping session %s: unused for %.0f s (abandoned by its coordinator?)", old, now - used)
                 self.close_session(old)
-        entry.forget(sid)
-        entry.shard.open_session(sid)
-        self._last_used[sid] = now
-        if sampler is not None:
-            entry.samplers[sid] = sampler
+        with entry.lock:
+            entry.forget(sid)
+            entry.shard.open_session(sid)
+            entry.epochs[sid] = int(request.epoch)
+            self._last_used[sid] = now
+            if sampler is not None:
+                entry.samplers[sid] = sampler
 
     @wire.served
     def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionReply:
@@ -315,8 +332,10 @@ class NodeService(pbg.NodeServicer):
         else:
             x = wire.decode_hidden(request.hidden, n, shard.n_embd)
         t1 = time.perf_counter()
-        out = shard.forward(sid, x, start)
-        step = entry.bump(sid)
+        with entry.lock:
+            entry.enter(sid, int(request.epoch))
+            out = shard.forward(sid, x, start)
+            step = entry.bump(sid)
         self._last_used[sid] = time.monotonic()
         t2 = time.perf_counter()
         timing = pb.HopTiming(layers=request.layers, compute_ms=1e3 * (t2 - t1), codec_ms=1e3 * (t1 - t0))
@@ -325,7 +344,7 @@ class NodeService(pbg.NodeServicer):
             sampler = entry.samplers.get(sid)
             if sampler is None:  # the session was closed while this step ran
                 raise BadInputError(f"unknown session {sid!r} on this node; open it first")
-            sampler.observe(request.tokens)
+            sampler.observe(request.tokens, start)
             if request.sample and not request.replay:
                 reply.has_token = True
                 reply.token = sampler.sample(out, remember=False, position=start + n - 1)
@@ -349,14 +368,18 @@ class NodeService(pbg.NodeServicer):
         onward = pb.ForwardRequest(
             session_id=request.session_id, start=start, n_positions=n, tokens=request.tokens, hidden=hidden,
             layers=hop.layers, next=request.next[1:], sample=request.sample, checkpoint=hop.checkpoint,
-            keep_from=hop.keep_from,
+            keep_from=hop.keep_from, epoch=request.epoch,
         )
         t4 = time.perf_counter()
+        if context is not None and not context.is_active():  # the caller gave up while this node computed
+            self._undo(entry, sid, start, step)
+            raise PeerError("the step was cancelled by the previous hop")
         try:
             future = self._stub(hop.address).Forward.future(onward, timeout=FORWARD_TIMEOUT_S)
             self._inflight[(sid, shard.layers)] = future
-            if context is not None:  # the caller gave up (a node further on hung): stop waiting too
-                context.add_callback(future.cancel)
+            # The caller gave up (a node further on hung): stop waiting too, even if it already has.
+            if context is not None and not context.add_callback(future.cancel):
+                future.cancel()
             if request.checkpoint:  # while the next hops compute
                 self._checkpoint(entry, sid)
             reply = future.result()
@@ -382,11 +405,12 @@ class NodeService(pbg.NodeServicer):
 
     def _undo(self, entry: LoadedShard, sid: str, start: int, step: int) -> None:
         """Roll a failed step back, unless the session has moved on since (a recovery rewound it)."""
-        if entry.steps.get(sid) != step:
-            return
-        with contextlib.suppress(SwarmError):
-            entry.shard.rollback(sid, start)
-        entry.kept.truncate(sid, start)
+        with entry.lock:
+            if entry.steps.get(sid) != step:
+                return
+            with contextlib.suppress(SwarmError):
+                entry.shard.rollback(sid, start)
+            entry.kept.truncate(sid, start)
 
     def cancel(self, session_id: str) -> None:
         """Stop waiting for the next hop on a session's step (it hung); the step fails with PeerError."""
@@ -404,10 +428,17 @@ class NodeService(pbg.NodeServicer):
         """Cut a session back to `length` positions on one shard (and what it kept for the next hop)."""
         entry = self._entry(request.layers)
         sid = _session_id(request.session_id)
-        entry.bump(sid)  # a step still unwinding from the failure must not roll back what comes next
-        entry.shard.rollback(sid, int(request.length))
-        entry.kept.truncate(sid, int(request.length))
-        return pb.RewindReply(positions=entry.shard.session_length(sid))
+        length = int(request.length)
+        with entry.lock:
+            entry.shard.session_length(sid)  # unknown sessions are refused before anything changes
+            entry.enter(sid, int(request.epoch))
+            entry.bump(sid)  # a step still unwinding from the failure must not roll back what comes next
+            entry.shard.rollback(sid, length)
+            entry.kept.truncate(sid, length)
+            sampler = entry.samplers.get(sid)
+            if sampler is not None:
+                sampler.rewind(length)
+            return pb.RewindReply(positions=entry.shard.session_length(sid))
 
     @wire.served
     def ImportKV(self, request: pb.ImportKVRequest, context) -> pb.ImportKVReply:
@@ -419,17 +450,26 @@ class NodeService(pbg.NodeServicer):
         sid = _session_id(request.session_id)
         if sid not in entry.shard.sessions():
             raise BadInputError(f"session {sid!r} is not open on layers {entry.shard.layers}; open it first")
-        entry.bump(sid)
-        if request.kv:
-            entry.shard.import_kv(sid, bytes(request.kv))
-        else:
-            entry.shard.rollback(sid, 0)
-        held = entry.shard.session_length(sid)
         steps = [KeptStep(int(k.start), tuple(k.tokens), bytes(k.hidden)) for k in request.kept]
-        if any(s.end > held for s in steps):
-            entry.shard.rollback(sid, 0)
-            raise BadInputError(f"kept outputs go beyond the {held} positions the KV state holds")
-        entry.kept.replace(sid, steps, int(request.keep_from))
+        width = 4 * entry.shard.n_embd
+        at = steps[0].start if steps else 0
+        for s in steps:  # what a shard kept of its own outputs: contiguous steps of its hidden-state width
+            if not s.tokens or s.start != at or len(s.hidden) != len(s.tokens) * width:
+                raise BadInputError("kept outputs must be contiguous steps of at least one position, each with "
+                                    f"{width} bytes of hidden state per position")
+            at = s.end
+        with entry.lock:
+            entry.enter(sid, int(request.epoch))
+            entry.bump(sid)
+            if request.kv:
+                entry.shard.import_kv(sid, bytes(request.kv))
+            else:
+                entry.shard.rollback(sid, 0)
+            held = entry.shard.session_length(sid)
+            if at > held:
+                entry.shard.rollback(sid, 0)
+                raise BadInputError(f"kept outputs go beyond the {held} positions the KV state holds")
+            entry.kept.replace(sid, steps, int(request.keep_from))
         self._last_used[sid] = time.monotonic()
         return pb.ImportKVReply(positions=held)
 
@@ -446,7 +486,7 @@ class NodeService(pbg.NodeServicer):
         for s in steps:
             replay = pb.ForwardRequest(
                 session_id=sid, start=s.start, n_positions=len(s.tokens), tokens=s.tokens, hidden=s.hidden,
-                layers=request.to.layers, replay=True, keep_from=request.to.keep_from,
+                layers=request.to.layers, replay=True, keep_from=request.to.keep_from, epoch=request.epoch,
             )
             try:
                 stub.Forward(replay, timeout=FORWARD_TIMEOUT_S)
@@ -465,7 +505,7 @@ class NodeService(pbg.NodeServicer):
         blob = entry.shard.export_kv(sid)
         steps, first = entry.kept.all(sid)
         message = pb.ImportKVRequest(
-            session_id=sid, layers=request.to.layers, kv=blob, keep_from=first,
+            session_id=sid, layers=request.to.layers, kv=blob, keep_from=first, epoch=request.epoch,
             kept=[pb.KeptStep(start=s.start, tokens=s.tokens, hidden=s.hidden) for s in steps],
         )
         try:
@@ -477,15 +517,23 @@ class NodeService(pbg.NodeServicer):
 
     def _checkpoint(self, entry: LoadedShard, sid: str) -> None:
         """Export a session's KV state and queue it for the coordinator (never blocks on the network)."""
-        if self._sink is None:
+        if self._sink is None or sid in entry.too_big:
             return
         try:
-            blob = entry.shard.export_kv(sid)
-            checkpoint = pb.Checkpoint(session_id=sid, layers=wire.span(entry.shard.layers),
-                                       positions=entry.shard.session_length(sid), kv=blob)
+            with entry.lock:  # the state and its length together (a recovery may rewind concurrently)
+                blob = entry.shard.export_kv(sid)
+                positions = entry.shard.session_length(sid)
         except SwarmError as e:
             log.warning("could not checkpoint session %s: %s", sid, e)
             return
+        if len(blob) > wire.MAX_MESSAGE - (1 << 20):
+            # It only grows: stop exporting for this session; its recovery will replay from further back.
+            entry.too_big.add(sid)
+            log.warning("session %s: its KV state for layers %s is %d MB, more than a message carries; no more "
+                        "checkpoints of it (a recovery replays more)", sid, entry.shard.layers, len(blob) >> 20)
+            return
+        checkpoint = pb.Checkpoint(session_id=sid, layers=wire.span(entry.shard.layers),
+                                   positions=positions, kv=blob)
         if self._pusher is None:
             self._pusher = threading.Thread(target=self._push_loop, name="checkpoints", daemon=True)
             self._pusher.start()
@@ -502,7 +550,7 @@ class NodeService(pbg.NodeServicer):
             try:
                 self._sink(checkpoint)
             except Exception as e:  # the coordinator is away: the next checkpoint will do
-                log.debug("checkpoint of session %s not delivered: %s", checkpoint.session_id, e)
+                log.warning("checkpoint of session %s not delivered: %s", checkpoint.session_id, e)
 
     def _stub(self, address: str) -> pbg.NodeStub:
         with self._channels_lock:

@@ -47,16 +47,35 @@ class Sampler:
     def __init__(self, params: SamplingParams, history: Iterable[int] = ()):
         self.params = params
         self.recent = list(history)
+        self.end: int | None = None  # the position after the last observed token, once known
         self.rng = np.random.default_rng(params.seed)
         # Draws made with a position come from (seed, position) alone, so a sampler rebuilt on another
         # node after a failure draws exactly what this one would have.
         self.seed = params.seed if params.seed is not None else int(self.rng.integers(1 << 63))
 
-    def observe(self, tokens: Iterable[int]) -> None:
-        """Remember tokens fed to the model (for the repeat penalty)."""
-        self.recent.extend(int(t) for t in tokens)
-        if len(self.recent) > 4 * max(self.params.repeat_last_n, 64):
-            del self.recent[: -self.params.repeat_last_n or None]
+    def observe(self, tokens: Iterable[int], start: int | None = None) -> None:
+        """Remember tokens fed to the model (for the repeat penalty).
+
+        With `start` (the position of the first), tokens observed before at that position or later
+        are forgotten first: a step that was undone and runs again is counted once.
+        """
+        if start is not None:
+            self.rewind(start)
+        tokens = [int(t) for t in tokens]
+        self.recent.extend(tokens)
+        if start is not None:
+            self.end = start + len(tokens)
+        elif self.end is not None:
+            self.end += len(tokens)
+        keep = max(self.params.repeat_last_n, 64) + 1024  # room for undoing a whole prompt batch
+        if len(self.recent) > 2 * keep:
+            del self.recent[:-keep]
+
+    def rewind(self, length: int) -> None:
+        """Forget tokens observed at positions `length` and later."""
+        if self.end is not None and length < self.end:
+            del self.recent[max(0, len(self.recent) - (self.end - length)):]
+            self.end = length
 
     def sample(self, logits: np.ndarray, remember: bool = True, position: int | None = None) -> int:
         """Pick the next token; `remember=False` when the caller will `observe` it once it is fed back.

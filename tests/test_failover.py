@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import PROMPTS
@@ -278,4 +279,49 @@ def test_a_node_restarted_under_the_same_pin_replaces_its_hung_old_self(tmp_path
         assert swarm.client.complete(PROMPTS[0], max_tokens=32).tokens == reference.run(PROMPTS[0], N)[1][:32]
     finally:
         swarm.procs[2].p.kill()
+        swarm.close()
+
+
+def test_recovery_calls_refuse_bad_input_and_the_swarm_keeps_serving(tmp_path, model_path, reference):
+    import grpc
+
+    from swarm import wire
+    from swarm._proto import swarm_pb2 as pb
+    from swarm._proto import swarm_pb2_grpc as pbg
+
+    swarm = _swarm(tmp_path, model_path)
+    try:
+        node = next(n for n in swarm.client.status()["nodes"] if n["name"] == "node1")  # holds 6:12
+        layers = pb.LayerSpan(start=6, end=12)
+        with wire.channel(node["address"], KEY) as ch, wire.channel(swarm.address, KEY) as cch:
+            stub, coordinator = pbg.NodeStub(ch), pbg.CoordinatorStub(cch)
+
+            def refused(call, request, words):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request, timeout=30)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+                assert words in e.value.details(), e.value.details()
+
+            refused(stub.Rewind, pb.RewindRequest(session_id="nope", layers=layers, length=0), "unknown session")
+            stub.OpenSession(pb.OpenSessionRequest(session_id="s1", layers=layers), timeout=30)
+            refused(stub.Rewind, pb.RewindRequest(session_id="s1", layers=layers, length=5), "cannot roll")
+            refused(stub.ImportKV, pb.ImportKVRequest(session_id="s1", layers=layers, kv=b"garbage"), "not a swarm KV")
+            refused(stub.ImportKV, pb.ImportKVRequest(session_id="s1", layers=layers, kept=[
+                pb.KeptStep(start=0, tokens=[1], hidden=b"\0" * 12)]), "hidden state per position")
+            refused(stub.Resend, pb.ResendRequest(session_id="s1", layers=layers, from_position=0, to_position=4,
+                                                  to=pb.Hop(address=swarm.address, layers=pb.LayerSpan(start=12, end=18))),
+                    "recomputed")
+            refused(stub.Handoff, pb.HandoffRequest(session_id="nope", layers=layers, to=pb.Hop(
+                address=swarm.address, layers=layers)), "unknown session")
+            refused(stub.OpenSession, pb.OpenSessionRequest(session_id="s2", layers=layers, history=[1] * 600),
+                    "history is at most")
+            stub.Rewind(pb.RewindRequest(session_id="s1", layers=layers, length=0, epoch=3), timeout=30)
+            hidden = np.zeros((1, 640), dtype=np.float32).tobytes()
+            refused(stub.Forward, pb.ForwardRequest(session_id="s1", start=0, n_positions=1, tokens=[1], hidden=hidden,
+                                                    layers=layers, replay=True, epoch=2), "stale step")
+            stub.CloseSession(pb.CloseSessionRequest(session_id="s1"), timeout=30)
+            coordinator.StoreCheckpoint(pb.Checkpoint(session_id="nobody", layers=layers, positions=3, kv=b"x"),
+                                        timeout=30)  # a session that ended: ignored
+        assert swarm.client.complete(PROMPTS[0], max_tokens=32).tokens == reference.run(PROMPTS[0], N)[1][:32]
+    finally:
         swarm.close()

@@ -105,3 +105,19 @@ def test_a_rebuilt_sampler_draws_what_the_lost_one_would_have():
     again = Sampler(params)  # a successor's sampler, starting at position 25
     assert [again.sample(logits, position=p) for p in range(25, 40)] == run[25:]
     assert len(set(run)) > 1
+
+
+def test_a_step_observed_twice_counts_once_for_the_repeat_penalty():
+    params = SamplingParams(repeat_penalty=1.5, repeat_last_n=4)
+    once, twice = Sampler(params), Sampler(params)
+    once.observe([1, 2, 3], 0)
+    once.observe([4], 3)
+    twice.observe([1, 2, 3], 0)
+    twice.observe([4], 3)  # the step that failed further on ...
+    twice.observe([4], 3)  # ... and ran again
+    assert twice.recent == once.recent and twice.end == once.end == 4
+    twice.rewind(2)  # a recovery cut the session back
+    assert twice.recent == [1, 2] and twice.end == 2
+    successor = Sampler(params, history=[1, 2, 3])  # rebuilt elsewhere at position 3
+    successor.observe([4], 3)
+    assert successor.recent == once.recent
