@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 
@@ -817,10 +817,12 @@ class Coordinator:
             if self.failover_enabled and not hop.is_self and since and failover.should_checkpoint(since[0]):
                 session.pending.add(hop.layers)
 
-    def store_checkpoint(self, checkpoint: pb.Checkpoint) -> None:
-        """Keep a hop's KV checkpoint with its session (the newest only); freed when the session ends."""
+    def store_checkpoint(self, pieces: Iterable[pb.Checkpoint]) -> None:
+        """Keep a hop's KV checkpoint (in pieces, as wire.kv_pieces makes them) with its session: the newest
+        of a completed step, and any newer one; freed when the session ends."""
+        checkpoint, blob = wire.join_kv_pieces(pieces)
         layers = wire.layer_range(checkpoint.layers)
-        blob, positions = bytes(checkpoint.kv), int(checkpoint.positions)
+        positions = int(checkpoint.positions)
         with self._cond:
             session = self._sessions.get(checkpoint.session_id)
             if session is None or all(h.layers != layers for h in session.route):
@@ -989,8 +991,8 @@ class Coordinator:
                 # What the new hop keeps for the next one: from that one's checkpoint (or rebuild point) on.
                 keep = base[i + 1][0] if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
                 self._open(sid, session, hop, history=session.tokens[:at])
-                self._call(hop, "ImportKV", pb.ImportKVRequest(session_id=sid, layers=_span(hop.layers), kv=blob,
-                                                               keep_from=keep, epoch=session.epoch))
+                self._call(hop, "ImportKV", wire.kv_pieces(pb.ImportKVRequest(
+                    session_id=sid, layers=_span(hop.layers), keep_from=keep, epoch=session.epoch), blob))
                 if i == 0:
                     for b_start, b_tokens in self._batches(session, at, start):
                         self._call(hop, "Forward", pb.ForwardRequest(
@@ -1185,8 +1187,8 @@ class CoordinatorService(pbg.CoordinatorServicer):
         return self.c.leave(request.node_id, request.graceful)
 
     @wire.served
-    def StoreCheckpoint(self, request, context):
-        self.c.store_checkpoint(request)
+    def StoreCheckpoint(self, request_iterator, context):
+        self.c.store_checkpoint(request_iterator)
         return pb.CheckpointReply()
 
     @wire.served_stream

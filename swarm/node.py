@@ -55,7 +55,6 @@ class LoadedShard:
     kept: OutputLog = field(default_factory=OutputLog)  # outputs sent onward, for the next hop's recovery
     steps: dict[str, int] = field(default_factory=dict)  # per session, bumped by every step and rewind
     epochs: dict[str, int] = field(default_factory=dict)  # per session, the newest attempt seen
-    too_big: set[str] = field(default_factory=set)  # sessions whose KV state outgrew a message
     # Held across (attempt check, compute, step count) and across rewinds, so a stale step cannot slip
     # between a recovery's rewind and the retried step.
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,7 +75,6 @@ class LoadedShard:
         self.samplers.pop(session, None)
         self.steps.pop(session, None)
         self.epochs.pop(session, None)
-        self.too_big.discard(session)
         self.kept.drop(session)
         self.shard.drop_session(session)
 
@@ -97,7 +95,7 @@ class NodeService(pbg.NodeServicer):
         shard_dir: Path | None = None,
         progress: bool = True,
         reprofile: bool = False,
-        checkpoint_sink: Callable[[pb.Checkpoint], None] | None = None,
+        checkpoint_sink: Callable[[Iterable[pb.Checkpoint]], None] | None = None,
     ):
         self._key = key
         self._fetcher = fetcher
@@ -112,7 +110,7 @@ class NodeService(pbg.NodeServicer):
         self._channels: dict[str, tuple[pbg.NodeStub, grpc.Channel]] = {}
         self._channels_lock = threading.Lock()
         self._sink = checkpoint_sink
-        self._outbox: queue.Queue[pb.Checkpoint | None] = queue.Queue(maxsize=_MAX_PENDING_CHECKPOINTS)
+        self._outbox: queue.Queue[tuple[pb.Checkpoint, bytes] | None] = queue.Queue(maxsize=_MAX_PENDING_CHECKPOINTS)
         self._pusher: threading.Thread | None = None
         self.state = "idle"
 
@@ -441,11 +439,13 @@ class NodeService(pbg.NodeServicer):
             return pb.RewindReply(positions=entry.shard.session_length(sid))
 
     @wire.served
-    def ImportKV(self, request: pb.ImportKVRequest, context) -> pb.ImportKVReply:
-        return self.import_kv(request)
+    def ImportKV(self, request_iterator, context) -> pb.ImportKVReply:
+        return self.import_kv(request_iterator)
 
-    def import_kv(self, request: pb.ImportKVRequest) -> pb.ImportKVReply:
-        """Load a session's KV state into one shard (the session must be open), with the kept outputs."""
+    def import_kv(self, pieces: Iterable[pb.ImportKVRequest]) -> pb.ImportKVReply:
+        """Load a session's KV state into one shard (the session must be open), with the kept outputs;
+        `pieces` as `wire.kv_pieces` makes them."""
+        request, blob = wire.join_kv_pieces(pieces)
         entry = self._entry(request.layers)
         sid = _session_id(request.session_id)
         if sid not in entry.shard.sessions():
@@ -461,8 +461,8 @@ class NodeService(pbg.NodeServicer):
         with entry.lock:
             entry.enter(sid, int(request.epoch))
             entry.bump(sid)
-            if request.kv:
-                entry.shard.import_kv(sid, bytes(request.kv))
+            if blob:
+                entry.shard.import_kv(sid, blob)
             else:
                 entry.shard.rollback(sid, 0)
             held = entry.shard.session_length(sid)
@@ -504,12 +504,11 @@ class NodeService(pbg.NodeServicer):
         sid = _session_id(request.session_id)
         blob = entry.shard.export_kv(sid)
         steps, first = entry.kept.all(sid)
-        message = pb.ImportKVRequest(
-            session_id=sid, layers=request.to.layers, kv=blob, keep_from=first, epoch=request.epoch,
-            kept=[pb.KeptStep(start=s.start, tokens=s.tokens, hidden=s.hidden) for s in steps],
-        )
+        message = pb.ImportKVRequest(session_id=sid, layers=request.to.layers, keep_from=first, epoch=request.epoch)
+        kept = [pb.KeptStep(start=s.start, tokens=s.tokens, hidden=s.hidden) for s in steps]
         try:
-            reply = self._stub(request.to.address).ImportKV(message, timeout=FORWARD_TIMEOUT_S)
+            reply = self._stub(request.to.address).ImportKV(wire.kv_pieces(message, blob, kept),
+                                                            timeout=FORWARD_TIMEOUT_S)
         except grpc.RpcError as e:
             raise wire.from_rpc(e, f"node {request.to.address}") from None
         entry.forget(sid)  # the session lives on the successor now
@@ -517,7 +516,7 @@ class NodeService(pbg.NodeServicer):
 
     def _checkpoint(self, entry: LoadedShard, sid: str) -> None:
         """Export a session's KV state and queue it for the coordinator (never blocks on the network)."""
-        if self._sink is None or sid in entry.too_big:
+        if self._sink is None:
             return
         try:
             with entry.lock:  # the state and its length together (a recovery may rewind concurrently)
@@ -526,19 +525,13 @@ class NodeService(pbg.NodeServicer):
         except SwarmError as e:
             log.warning("could not checkpoint session %s: %s", sid, e)
             return
-        if len(blob) > wire.MAX_MESSAGE - (1 << 20):
-            # It only grows: stop exporting for this session; its recovery will replay from further back.
-            entry.too_big.add(sid)
-            log.warning("session %s: its KV state for layers %s is %d MB, more than a message carries; no more "
-                        "checkpoints of it (a recovery replays more)", sid, entry.shard.layers, len(blob) >> 20)
-            return
-        checkpoint = pb.Checkpoint(session_id=sid, layers=wire.span(entry.shard.layers),
-                                   positions=positions, kv=blob)
+        checkpoint = (pb.Checkpoint(session_id=sid, layers=wire.span(entry.shard.layers), positions=positions),
+                      blob)
         if self._pusher is None:
             self._pusher = threading.Thread(target=self._push_loop, name="checkpoints", daemon=True)
             self._pusher.start()
         try:
-            self._outbox.put_nowait(checkpoint)
+            self._outbox.put_nowait(checkpoint)  # the newest few; a slow link drops rather than queues
         except queue.Full:
             log.warning("checkpoints are not getting through to the coordinator; dropped one of session %s", sid)
 
@@ -547,10 +540,11 @@ class NodeService(pbg.NodeServicer):
             checkpoint = self._outbox.get()
             if checkpoint is None:
                 return
+            first, blob = checkpoint
             try:
-                self._sink(checkpoint)
+                self._sink(wire.kv_pieces(first, blob))
             except Exception as e:  # the coordinator is away: the next checkpoint will do
-                log.warning("checkpoint of session %s not delivered: %s", checkpoint.session_id, e)
+                log.warning("checkpoint of session %s not delivered: %s", first.session_id, e)
 
     def _stub(self, address: str) -> pbg.NodeStub:
         with self._channels_lock:

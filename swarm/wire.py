@@ -15,9 +15,10 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import os
 import re
 import secrets
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -58,6 +59,9 @@ SERVER_OPTIONS = CHANNEL_OPTIONS + [
 ]
 
 _INVALID = (BadInputError, ShardRangeError, KVStateError, ModelFileError)
+# KV states (checkpoints, handovers) can be far larger than a message: they travel in pieces of this size.
+KV_PIECE = int(os.environ.get("SWARM_KV_PIECE_BYTES") or 8 << 20)
+MAX_KV_STATE = 64 << 30
 
 
 def new_key() -> str:
@@ -76,7 +80,8 @@ def check_address(address: str) -> str:
 # ---------------------------------------------------------------- the key
 
 
-class _KeyClient(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class _KeyClient(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor):
     """Adds the swarm key to every outgoing call."""
 
     def __init__(self, key: str):
@@ -91,6 +96,9 @@ class _KeyClient(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
 
 
 class KeyCheck(grpc.ServerInterceptor):
@@ -121,6 +129,8 @@ class KeyCheck(grpc.ServerInterceptor):
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(refuse_stream)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(refuse)
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
@@ -232,6 +242,42 @@ def sampling_from_pb(s: pb.Sampling) -> SamplingParams:
         repeat_penalty=float(s.repeat_penalty) or 1.0, repeat_last_n=int(s.repeat_last_n),
         seed=int(s.seed) if s.has_seed else None,
     )
+
+
+def kv_pieces(first, blob: bytes, kept: Iterable = ()) -> Iterator:
+    """`first` (a Checkpoint or ImportKVRequest, every field but `kv` set) with the first piece of `blob`,
+    then messages of its type with the rest, then the kept steps (ImportKVRequest) a piece's worth at a time."""
+    make = type(first)
+    for at in range(0, max(len(blob), 1), KV_PIECE):
+        message = first if at == 0 else make()
+        message.kv = blob[at:at + KV_PIECE]
+        yield message
+    group, size = [], 0
+    for step in kept:
+        group.append(step)
+        size += len(step.hidden)
+        if size >= KV_PIECE:
+            yield make(kept=group)
+            group, size = [], 0
+    if group:
+        yield make(kept=group)
+
+
+def join_kv_pieces(messages: Iterable):
+    """The inverse of kv_pieces: (the first message, with every piece's kept steps; the whole blob)."""
+    first, parts, total = None, [], 0
+    for message in messages:
+        total += len(message.kv)
+        if total > MAX_KV_STATE:
+            raise BadInputError(f"a KV state is at most {MAX_KV_STATE >> 30} GB")
+        parts.append(message.kv)
+        if first is None:
+            first = message
+        elif hasattr(message, "kept"):
+            first.kept.extend(message.kept)
+    if first is None:
+        raise BadInputError("a KV state needs at least one message")
+    return first, b"".join(parts)
 
 
 def encode_hidden(x: np.ndarray) -> bytes:

@@ -44,8 +44,11 @@ def _swarm(tmp, model_path, nodes=PINS, coordinator_args=()):
 
 
 @pytest.fixture
-def swarm(tmp_path, model_path):
-    """The test's own swarm: a coordinator hosting nothing and three pinned nodes (broken by the test)."""
+def swarm(tmp_path, model_path, monkeypatch):
+    """The test's own swarm: a coordinator hosting nothing and three pinned nodes (broken by the test).
+
+    KV states travel in 64 KB pieces here, so checkpoints and handovers cross the wire in several."""
+    monkeypatch.setenv("SWARM_KV_PIECE_BYTES", str(64 << 10))
     s = _swarm(tmp_path, model_path)
     yield s
     for p in s.procs:
@@ -293,9 +296,11 @@ def test_recovery_calls_refuse_bad_input_and_the_swarm_keeps_serving(swarm, refe
         refused(stub.Rewind, pb.RewindRequest(session_id="nope", layers=layers, length=0), "unknown session")
         stub.OpenSession(pb.OpenSessionRequest(session_id="s1", layers=layers), timeout=30)
         refused(stub.Rewind, pb.RewindRequest(session_id="s1", layers=layers, length=5), "cannot roll")
-        refused(stub.ImportKV, pb.ImportKVRequest(session_id="s1", layers=layers, kv=b"garbage"), "not a swarm KV")
-        refused(stub.ImportKV, pb.ImportKVRequest(session_id="s1", layers=layers, kept=[
-            pb.KeptStep(start=0, tokens=[1], hidden=b"\0" * 12)]), "hidden state per position")
+        refused(stub.ImportKV, iter([pb.ImportKVRequest(session_id="s1", layers=layers, kv=b"garbage")]),
+                "not a swarm KV")
+        refused(stub.ImportKV, iter([pb.ImportKVRequest(session_id="s1", layers=layers, kept=[
+            pb.KeptStep(start=0, tokens=[1], hidden=b"\0" * 12)])]), "hidden state per position")
+        refused(stub.ImportKV, iter([]), "at least one message")
         refused(stub.Resend, pb.ResendRequest(session_id="s1", layers=layers, from_position=0, to_position=4,
                                               to=pb.Hop(address=swarm.address, layers=pb.LayerSpan(start=12, end=18))),
                 "recomputed")
@@ -308,6 +313,10 @@ def test_recovery_calls_refuse_bad_input_and_the_swarm_keeps_serving(swarm, refe
         refused(stub.Forward, pb.ForwardRequest(session_id="s1", start=0, n_positions=1, tokens=[1], hidden=hidden,
                                                 layers=layers, replay=True, epoch=2), "stale step")
         stub.CloseSession(pb.CloseSessionRequest(session_id="s1"), timeout=30)
-        coordinator.StoreCheckpoint(pb.Checkpoint(session_id="nobody", layers=layers, positions=3, kv=b"x"),
+        coordinator.StoreCheckpoint(iter([pb.Checkpoint(session_id="nobody", layers=layers, positions=3, kv=b"x")]),
                                     timeout=30)  # a session that ended: ignored
+    with wire.channel(swarm.address, "wrong-key") as bad:  # the streamed calls check the key too
+        with pytest.raises(grpc.RpcError) as e:
+            pbg.CoordinatorStub(bad).StoreCheckpoint(iter([pb.Checkpoint(session_id="x")]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert swarm.client.complete(PROMPTS[0], max_tokens=32).tokens == reference.run(PROMPTS[0], N)[1][:32]

@@ -121,3 +121,19 @@ def test_a_step_observed_twice_counts_once_for_the_repeat_penalty():
     successor = Sampler(params, history=[1, 2, 3])  # rebuilt elsewhere at position 3
     successor.observe([4], 3)
     assert successor.recent == once.recent
+
+
+def test_kv_states_cross_the_wire_in_pieces_and_come_back_whole():
+    from swarm import wire
+    from swarm._proto import swarm_pb2 as pb
+
+    blob = bytes(range(256)) * (3 * wire.KV_PIECE // 256 + 7)
+    kept = [pb.KeptStep(start=i, tokens=[i], hidden=bytes(wire.KV_PIECE // 2)) for i in range(3)]
+    first = pb.ImportKVRequest(session_id="s", keep_from=4, epoch=2)
+    pieces = list(wire.kv_pieces(first, blob, kept))
+    assert len(pieces) == 4 + 2 and all(len(p.kv) <= wire.KV_PIECE for p in pieces)
+    got, whole = wire.join_kv_pieces(iter(pieces))
+    assert whole == blob and (got.session_id, got.keep_from, got.epoch) == ("s", 4, 2)
+    assert [k.start for k in got.kept] == [0, 1, 2]
+    empty, nothing = wire.join_kv_pieces(wire.kv_pieces(pb.Checkpoint(session_id="c", positions=0), b""))
+    assert (empty.session_id, nothing) == ("c", b"")

@@ -51,7 +51,7 @@ class CoordinatorStub:
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=swarm_dot___proto_dot_swarm__pb2.LeaveReply.FromString,
                 _registered_method=True)
-        self.StoreCheckpoint = channel.unary_unary(
+        self.StoreCheckpoint = channel.stream_unary(
                 '/swarm.v1.Coordinator/StoreCheckpoint',
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.Checkpoint.SerializeToString,
                 response_deserializer=swarm_dot___proto_dot_swarm__pb2.CheckpointReply.FromString,
@@ -100,8 +100,9 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def StoreCheckpoint(self, request, context):
-        """A node hands in the KV state of one session's shard at a step boundary (a checkpoint for recovery).
+    def StoreCheckpoint(self, request_iterator, context):
+        """A node hands in the KV state of one session's shard at a step boundary (a checkpoint for recovery),
+        in pieces: the first message carries every field, the others only more of `kv`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,7 +147,7 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=swarm_dot___proto_dot_swarm__pb2.LeaveRequest.FromString,
                     response_serializer=swarm_dot___proto_dot_swarm__pb2.LeaveReply.SerializeToString,
             ),
-            'StoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+            'StoreCheckpoint': grpc.stream_unary_rpc_method_handler(
                     servicer.StoreCheckpoint,
                     request_deserializer=swarm_dot___proto_dot_swarm__pb2.Checkpoint.FromString,
                     response_serializer=swarm_dot___proto_dot_swarm__pb2.CheckpointReply.SerializeToString,
@@ -261,7 +262,7 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
-    def StoreCheckpoint(request,
+    def StoreCheckpoint(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -271,8 +272,8 @@ class Coordinator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/swarm.v1.Coordinator/StoreCheckpoint',
             swarm_dot___proto_dot_swarm__pb2.Checkpoint.SerializeToString,
@@ -410,7 +411,7 @@ class NodeStub:
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.RewindRequest.SerializeToString,
                 response_deserializer=swarm_dot___proto_dot_swarm__pb2.RewindReply.FromString,
                 _registered_method=True)
-        self.ImportKV = channel.unary_unary(
+        self.ImportKV = channel.stream_unary(
                 '/swarm.v1.Node/ImportKV',
                 request_serializer=swarm_dot___proto_dot_swarm__pb2.ImportKVRequest.SerializeToString,
                 response_deserializer=swarm_dot___proto_dot_swarm__pb2.ImportKVReply.FromString,
@@ -483,8 +484,9 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ImportKV(self, request, context):
-        """Recovery and migration: load a session's KV state (and the outputs its shard had kept) into a shard.
+    def ImportKV(self, request_iterator, context):
+        """Recovery and migration: load a session's KV state (and the outputs its shard had kept) into a shard,
+        in pieces: the first message carries every field, the others only more of `kv` and `kept`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -552,7 +554,7 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=swarm_dot___proto_dot_swarm__pb2.RewindRequest.FromString,
                     response_serializer=swarm_dot___proto_dot_swarm__pb2.RewindReply.SerializeToString,
             ),
-            'ImportKV': grpc.unary_unary_rpc_method_handler(
+            'ImportKV': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportKV,
                     request_deserializer=swarm_dot___proto_dot_swarm__pb2.ImportKVRequest.FromString,
                     response_serializer=swarm_dot___proto_dot_swarm__pb2.ImportKVReply.SerializeToString,
@@ -753,7 +755,7 @@ class Node:
             _registered_method=True)
 
     @staticmethod
-    def ImportKV(request,
+    def ImportKV(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -763,8 +765,8 @@ class Node:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/swarm.v1.Node/ImportKV',
             swarm_dot___proto_dot_swarm__pb2.ImportKVRequest.SerializeToString,
