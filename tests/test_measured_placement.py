@@ -56,7 +56,9 @@ def test_nodes_are_measured_and_the_faster_node_gets_more(mixed, model_path):
     speed = {name: by_name[name]["profile"]["decode_ns_per_byte"] for name in ("fast", "slow")}
     why = {k: v["profile"]["reason"] for k, v in by_name.items()}
     if held["slow"] >= held["fast"]:
-        assert speed["slow"] < speed["fast"], (held, speed, why)
+        # ... unless the faster node was left out because its measured link costs more than it saves
+        # (the round trips measured on a busy machine vary more than the compute).
+        assert speed["slow"] < speed["fast"] or (held["fast"] == 0 and "link" in why["fast"]), (held, speed, why)
     for name, n in by_name.items():  # every node says why it holds what it holds, or nothing
         assert ("left out" in why[name]) == (held[name] == 0), (name, why[name])
     # The capped nodes stay within their caps by the planner's own estimate.
