@@ -33,7 +33,7 @@ from . import placement, planner, wire
 from .cache import file_digest
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
-from .engine import Tokenizer, kv_positions, kv_shard_id
+from .engine import Tokenizer, kv_header
 from .errors import BadInputError, KVStateError, NotReadyError, PeerError, ShardRangeError, SwarmError
 from . import failover
 from .failover import Recovery
@@ -830,7 +830,8 @@ class Coordinator:
             shard_id = self._shard_ids.get(layers)
             limit = session.positions + self.n_batch
         # Checked before it counts: a wrong one would let the previous hop drop what a rebuild needs.
-        if kv_positions(blob) != positions or kv_shard_id(blob) != shard_id or positions > limit:
+        head = kv_header(blob)
+        if head["n_past"] != positions or head["shard_id"] != shard_id or positions > limit:
             raise BadInputError(f"checkpoint of layers {layers} does not match session {checkpoint.session_id!r}")
         with self._cond:
             confirmed = session.kept_from(layers)

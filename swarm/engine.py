@@ -526,14 +526,9 @@ class Shard:
             self.close()
 
 
-def kv_positions(blob: bytes) -> int:
-    """How many positions a blob from `export_kv` holds (its header, checked)."""
-    return int(_parse_kv_blob(blob)[0]["n_past"])
-
-
-def kv_shard_id(blob: bytes) -> str:
-    """The id of the shard a blob from `export_kv` belongs to (its header, checked)."""
-    return str(_parse_kv_blob(blob)[0]["shard_id"])
+def kv_header(blob: bytes) -> dict:
+    """The checked header of a blob from `export_kv`: shard_id, layers, n_past (positions), the layout."""
+    return _parse_kv_blob(blob)[0]
 
 
 def _parse_kv_blob(blob: bytes) -> tuple[dict, bytes]:
