@@ -143,6 +143,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--contexts", default="128,512,2048")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parts", default="stalls,detection,cost", help="which measurements to run")
     args = ap.parse_args()
 
     from swarm.engine import default_threads
@@ -155,7 +156,8 @@ def main() -> int:
     n = KILL_AT + 96  # enough steps after the signal for a leaving node's handover to land mid-generation
     rows, detect, cost = [], {"kill -9": [], "SIGSTOP": []}, []
     try:
-        for context in contexts:
+        parts = set(args.parts.split(","))
+        for context in contexts if "stalls" in parts else ():
             prompt = bench.prompt(context)
             expected = bench.client.complete(prompt, max_tokens=n).tokens
             cases = [("replay", "6:12", signal.SIGKILL), ("replay", "12:18", signal.SIGKILL),
@@ -179,9 +181,9 @@ def main() -> int:
                 print(f"context {context}: {path} of {layers}: {rows[-1][3]:.0f} ms", file=sys.stderr)
         prompt = bench.prompt(contexts[0])
         expected = bench.client.complete(prompt, max_tokens=n).tokens
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if "detection" in parts else 0):
             detect["SIGSTOP"].append(bench.trial(prompt, n, "6:12", signal.SIGSTOP, expected)["detect_ms"])
-        for context in (contexts[0], contexts[-1]):
+        for context in (contexts[0], contexts[-1]) if "cost" in parts else ():
             prompt = bench.prompt(context)
             on, off, held = [], [], []
             for r in range(args.rounds + 2):

@@ -527,11 +527,15 @@ class Shard:
 
 
 def kv_header(blob: bytes) -> dict:
-    """The checked header of a blob from `export_kv`: shard_id, layers, n_past (positions), the layout."""
-    return _parse_kv_blob(blob)[0]
+    """The header of a blob from `export_kv` (shard_id, layers, n_past, the layout), read without hashing
+    the payload: `import_kv` verifies the whole blob before llama.cpp sees it."""
+    if len(blob) < len(_KV_MAGIC) + 4 or not bytes(blob[:len(_KV_MAGIC)]) == _KV_MAGIC:
+        raise KVStateError("this is not a swarm KV state (bad magic); it must come from Shard.export_kv")
+    (hlen,) = struct.unpack_from("<I", blob, len(_KV_MAGIC))
+    return _parse_kv_blob(blob[:len(_KV_MAGIC) + 4 + hlen], verify=False)[0]  # the header alone: no copy
 
 
-def _parse_kv_blob(blob: bytes) -> tuple[dict, bytes]:
+def _parse_kv_blob(blob: bytes, verify: bool = True) -> tuple[dict, bytes]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise KVStateError("a KV state must be bytes from Shard.export_kv")
     blob = bytes(blob)
@@ -546,7 +550,7 @@ def _parse_kv_blob(blob: bytes) -> tuple[dict, bytes]:
     except ValueError:
         raise KVStateError("KV state header is damaged") from None
     payload = blob[start + hlen:]
-    if not isinstance(head, dict) or _kv_digest(head, payload) != head.get("sha256"):
+    if not isinstance(head, dict) or verify and _kv_digest(head, payload) != head.get("sha256"):
         raise KVStateError("KV state is damaged or truncated (checksum mismatch); export it again")
     types = {"shard_id": str, "layers": list, "n_past": int, "n_ctx": int, "max_sessions": int, "flash_attn": bool}
     if any(type(head.get(k)) is not t for k, t in types.items()) or len(head["layers"]) != 2:

@@ -347,8 +347,11 @@ class NodeService(pbg.NodeServicer):
                 reply.has_token = True
                 reply.token = sampler.sample(out, remember=False, position=start + n - 1)
             timing.sample_ms = 1e3 * (time.perf_counter() - t2)
-            if request.checkpoint:
-                self._checkpoint(entry, sid)
+            if request.checkpoint and self._sink is not None:
+                # Exported while the token travels back and the first hops run the next step: the lock,
+                # taken here and released by the exporting thread, holds this shard's next step until then.
+                entry.lock.acquire()
+                threading.Thread(target=self._checkpoint, args=(entry, sid, True), daemon=True).start()
             timing.handler_ms = 1e3 * (time.perf_counter() - t0)
             reply.timings.append(timing)
             return reply
@@ -514,14 +517,22 @@ class NodeService(pbg.NodeServicer):
         entry.forget(sid)  # the session lives on the successor now
         return pb.HandoffReply(kv_bytes=len(blob), kept_steps=len(steps), positions=reply.positions)
 
-    def _checkpoint(self, entry: LoadedShard, sid: str) -> None:
-        """Export a session's KV state and queue it for the coordinator (never blocks on the network)."""
+    def _checkpoint(self, entry: LoadedShard, sid: str, locked: bool = False) -> None:
+        """Export a session's KV state and queue it for the coordinator (never blocks on the network).
+
+        `locked`: the caller already took `entry.lock` for this; it is released here."""
         if self._sink is None:
+            if locked:
+                entry.lock.release()
             return
         try:
-            with entry.lock:  # the state and its length together (a recovery may rewind concurrently)
+            if not locked:
+                entry.lock.acquire()
+            try:  # the state and its length together (a recovery may rewind concurrently)
                 blob = entry.shard.export_kv(sid)
                 positions = entry.shard.session_length(sid)
+            finally:
+                entry.lock.release()
         except SwarmError as e:
             log.warning("could not checkpoint session %s: %s", sid, e)
             return

@@ -277,7 +277,7 @@ def join_kv_pieces(messages: Iterable):
             first.kept.extend(message.kept)
     if first is None:
         raise BadInputError("a KV state needs at least one message")
-    return first, b"".join(parts)
+    return first, parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def encode_hidden(x: np.ndarray) -> bytes:
