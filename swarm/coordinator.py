@@ -116,10 +116,10 @@ class _Session:
     generated: int = 0
     tokens: list[int] = field(default_factory=list)  # every position fed so far (prompt, then each token)
     prompt_len: int = 0
-    # Recovery state: the newest KV checkpoint of each hop (positions, blob), and per hop the compute
-    # since it, in seconds and steps; hops to ask for one with the next step.
+    # Recovery state: the newest KV checkpoints of each hop (positions, blob), and per hop the compute
+    # since its last one, in seconds; hops to ask for one with the next step.
     checkpoints: dict[LayerRange, list[tuple[int, bytes]]] = field(default_factory=dict)
-    since: dict[LayerRange, list] = field(default_factory=dict)
+    since: dict[LayerRange, float] = field(default_factory=dict)
     pending: set[LayerRange] = field(default_factory=set)
     inflight: object = None  # the step's future while it waits on a remote first hop
     interrupted: str = ""  # why the heartbeat watcher stopped the step in flight
@@ -807,14 +807,11 @@ class Coordinator:
         asked, session.pending = session.pending, set()
         for timing in reply.timings:
             layers = wire.layer_range(timing.layers)
-            since = session.since.setdefault(layers, [0.0, 0])
-            if layers in asked:
-                since[0], since[1] = 0.0, 0
-            since[0] += timing.compute_ms / 1e3
-            since[1] += 1
+            base = 0.0 if layers in asked else session.since.get(layers, 0.0)
+            session.since[layers] = base + timing.compute_ms / 1e3
         for hop in session.route:
-            since = session.since.get(hop.layers)
-            if self.failover_enabled and not hop.is_self and since and failover.should_checkpoint(since[0]):
+            if (self.failover_enabled and not hop.is_self
+                    and failover.should_checkpoint(session.since.get(hop.layers, 0.0))):
                 session.pending.add(hop.layers)
 
     def store_checkpoint(self, pieces: Iterable[pb.Checkpoint]) -> None:

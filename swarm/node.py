@@ -299,10 +299,6 @@ class NodeService(pbg.NodeServicer):
                 out.update(entry.shard.sessions())
         return out
 
-    def kept_bytes(self) -> int:
-        """Bytes of outputs kept for the next hops' recovery, over all sessions."""
-        return sum(e.kept.nbytes() for e in list(self._shards.values()))
-
     # ------------------------------------------------------------ the step
 
     @wire.served
