@@ -33,7 +33,7 @@ from . import placement, planner, wire
 from .cache import file_digest
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
-from .engine import Tokenizer, kv_header
+from .engine import Tokenizer, join_kv, kv_header
 from .errors import BadInputError, KVStateError, NotReadyError, PeerError, ShardRangeError, SwarmError
 from . import failover
 from .failover import Recovery
@@ -107,6 +107,31 @@ class RouteHop:
     is_self: bool
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A hop's KV state at `positions`: a full state, or what changed since `parent` (a delta)."""
+
+    positions: int
+    lineage: str = ""
+    blob: bytes = b""
+    parent: "_Checkpoint | None" = None
+    links: int = 0  # deltas between this one and its full state
+
+    def state(self) -> bytes:
+        """The full state, put together from the chain (checksums verified); b'' for no checkpoint."""
+        chain, c = [], self
+        while c is not None:
+            chain.append(c.blob)
+            c = c.parent
+        return join_kv(chain[::-1]) if self.blob else b""
+
+
+_NO_CHECKPOINT = _Checkpoint(0)
+# Longer chains are put together into one full state when the next delta comes (bounds the work of a
+# recovery and what a chain holds that is no longer needed).
+_MAX_LINKS = 32
+
+
 @dataclass
 class _Session:
     route: tuple[RouteHop, ...]
@@ -116,24 +141,34 @@ class _Session:
     generated: int = 0
     tokens: list[int] = field(default_factory=list)  # every position fed so far (prompt, then each token)
     prompt_len: int = 0
-    # Recovery state: the newest KV checkpoints of each hop (positions, blob), and per hop the compute
-    # since its last one, in seconds; hops to ask for one with the next step.
-    checkpoints: dict[LayerRange, list[tuple[int, bytes]]] = field(default_factory=dict)
+    # Recovery state: the newest KV checkpoints of each hop, and per hop the compute since its last one,
+    # in seconds; hops to ask for one with the next step.
+    checkpoints: dict[LayerRange, list[_Checkpoint]] = field(default_factory=dict)
     since: dict[LayerRange, float] = field(default_factory=dict)
     pending: set[LayerRange] = field(default_factory=set)
     inflight: object = None  # the step's future while it waits on a remote first hop
     interrupted: str = ""  # why the heartbeat watcher stopped the step in flight
     epoch: int = 0  # raised by every recovery; nodes refuse steps of older attempts
 
-    def checkpoint(self, layers: LayerRange, upto: int) -> tuple[int, bytes]:
-        """The newest checkpoint of `layers` at `upto` positions or fewer: (positions, blob), (0, b'') if none."""
-        return max((c for c in self.checkpoints.get(layers, ()) if c[0] <= upto), default=(0, b""),
-                   key=lambda c: c[0])
+    def checkpoint(self, layers: LayerRange, upto: int) -> _Checkpoint:
+        """The newest checkpoint of `layers` at `upto` positions or fewer (an empty one if none)."""
+        return max((c for c in self.checkpoints.get(layers, ()) if c.positions <= upto), default=_NO_CHECKPOINT,
+                   key=lambda c: c.positions)
 
     def kept_from(self, layers: LayerRange) -> int:
         """Where the previous hop may let go of what it kept: the newest checkpoint of a step that completed
         (one taken by a step that then failed further on must not count)."""
-        return self.checkpoint(layers, self.positions)[0]
+        return self.checkpoint(layers, self.positions).positions
+
+    def checkpoint_bytes(self) -> int:
+        """What this session's checkpoints take, each piece of a chain counted once."""
+        seen: dict[int, int] = {}
+        for cs in self.checkpoints.values():
+            for c in cs:
+                while c is not None and id(c) not in seen:
+                    seen[id(c)] = len(c.blob)
+                    c = c.parent
+        return sum(seen.values())
 
 
 class Coordinator:
@@ -814,28 +849,46 @@ class Coordinator:
                     and failover.should_checkpoint(session.since.get(hop.layers, 0.0))):
                 session.pending.add(hop.layers)
 
-    def store_checkpoint(self, pieces: Iterable[pb.Checkpoint]) -> None:
+    def store_checkpoint(self, pieces: Iterable[pb.Checkpoint]) -> bool:
         """Keep a hop's KV checkpoint (in pieces, as wire.kv_pieces makes them) with its session: the newest
-        of a completed step, and any newer one; freed when the session ends."""
+        of a completed step, and any newer one; freed when the session ends. A delta is kept on top of the
+        checkpoint it was taken against; False when that one is gone (the node sends a full state next)."""
         checkpoint, blob = wire.join_kv_pieces(pieces)
         layers = wire.layer_range(checkpoint.layers)
         positions = int(checkpoint.positions)
         with self._cond:
             session = self._sessions.get(checkpoint.session_id)
             if session is None or all(h.layers != layers for h in session.route):
-                return  # the session ended or moved on
+                return True  # the session ended or moved on
             shard_id = self._shard_ids.get(layers)
             limit = session.positions + self.n_batch
         # Checked before it counts: a wrong one would let the previous hop drop what a rebuild needs.
+        # (A full state's checksum is verified when it is used; a delta is small, so it is checked now.)
         head = kv_header(blob)
-        if head["n_past"] != positions or head["shard_id"] != shard_id or positions > limit:
+        delta = "base" in head
+        if delta:
+            head = kv_header(blob, verify=True)
+        if head["n_past"] != positions or head["shard_id"] != shard_id or positions > limit or (
+                delta and not 0 <= head["base"] <= positions):
             raise BadInputError(f"checkpoint of layers {layers} does not match session {checkpoint.session_id!r}")
+        with self._cond:
+            held = session.checkpoints.get(layers, [])
+            parent = None
+            if delta:
+                parent = next((c for c in held if c.positions == head["base"] and c.lineage == head["lineage"]), None)
+                if parent is None:
+                    return False
+            new = _Checkpoint(positions, head["lineage"], blob, parent, parent.links + 1 if parent else 0)
+        if new.links > _MAX_LINKS:  # put the chain together, outside the lock
+            full = new.state()
+            new = _Checkpoint(positions, kv_header(full)["lineage"], full)
         with self._cond:
             confirmed = session.kept_from(layers)
             # The newest checkpoint of a completed step, and any newer one of a step still under way.
             session.checkpoints[layers] = sorted(
-                [c for c in session.checkpoints.get(layers, []) if c[0] >= confirmed and c[0] != positions]
-                + [(positions, blob)])[-3:]
+                [c for c in session.checkpoints.get(layers, []) if c.positions >= confirmed and c.positions != positions]
+                + [new], key=lambda c: c.positions)[-3:]
+        return True
 
     def _recover(self, sid: str, session: _Session, start: int, error: str):
         """Carry a session whose step at `start` failed over to live nodes; (records, path, replayed, detected)."""
@@ -984,10 +1037,10 @@ class Coordinator:
                 base = {i: session.checkpoint(route[i].layers, start) for i in replaced}
             replayed = 0
             for i in sorted(replaced):
-                hop, (at, blob) = route[i], base[i]
+                hop, at, blob = route[i], base[i].positions, base[i].state()
                 nxt = route[i + 1].layers if i + 1 < len(route) else None
                 # What the new hop keeps for the next one: from that one's checkpoint (or rebuild point) on.
-                keep = base[i + 1][0] if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
+                keep = base[i + 1].positions if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
                 self._open(sid, session, hop, history=session.tokens[:at])
                 self._call(hop, "ImportKV", wire.kv_pieces(pb.ImportKVRequest(
                     session_id=sid, layers=_span(hop.layers), keep_from=keep, epoch=session.epoch), blob))
@@ -1120,7 +1173,7 @@ class Coordinator:
                 reply.measured_sessions = len(self._measured)
             for sid, s in self._sessions.items():
                 reply.sessions.add(session_id=sid, positions=s.positions, generated=s.generated, age_s=now - s.started,
-                                   checkpoint_bytes=sum(len(b) for cs in s.checkpoints.values() for _, b in cs))
+                                   checkpoint_bytes=s.checkpoint_bytes())
             for r in self._recoveries:
                 rec = reply.recoveries.add(
                     at_unix=r.at_unix, node=r.node, address=r.address, detection=r.detection, path=r.path,
@@ -1186,8 +1239,7 @@ class CoordinatorService(pbg.CoordinatorServicer):
 
     @wire.served
     def StoreCheckpoint(self, request_iterator, context):
-        self.c.store_checkpoint(request_iterator)
-        return pb.CheckpointReply()
+        return pb.CheckpointReply(need_full=not self.c.store_checkpoint(request_iterator))
 
     @wire.served_stream
     def FetchShard(self, request, context):

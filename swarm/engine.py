@@ -19,12 +19,15 @@ import logging
 import os
 import struct
 import threading
-from dataclasses import dataclass
+import itertools
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import kvstate
 from ._capture import HiddenCapture
 from .errors import (
     BadInputError, ContextFullError, EngineError, KVStateError, ModelFileError, UnsupportedModelError,
@@ -198,9 +201,23 @@ class Tokenizer:
 class _Session:
     seq: int
     n_past: int = 0
+    # Changes whenever cells are rewritten or dropped (open, rollback, import): a KV delta is only taken
+    # against a base of the same edit.
+    edit: int = field(default_factory=lambda: next(_EDITS))
 
 
 _KV_MAGIC = b"SWARMKV2"
+_EDITS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class KVBase:
+    """What a node remembers of the last checkpoint it sent of a session, to send only what changed next."""
+
+    lineage: str  # names the chain of checkpoints: a full state and the deltas on top of it
+    n_past: int
+    edit: int
+    positions: tuple  # per stream, the cell positions it held (numpy arrays)
 _MAX_CTX = 1 << 24  # llama.cpp's context fields are 32-bit; this is far beyond any model's context
 
 
@@ -428,6 +445,8 @@ class Shard:
             if not 0 <= length <= s.n_past:
                 raise BadInputError(f"cannot roll session {session!r} back to {length}; it holds {s.n_past} positions")
             self._llama.llama_memory_seq_rm(self._mem, s.seq, length, -1)
+            if length < s.n_past:
+                s.edit = next(_EDITS)
             s.n_past = length
 
     def replay(self, session: str, steps: Iterable[tuple[int, object]]) -> None:
@@ -440,31 +459,61 @@ class Shard:
 
     # ------------------------------------------------------------ KV state
 
-    def export_kv(self, session: str) -> bytes:
-        """The session's KV cache as a self-describing blob for `import_kv` on the same shard."""
+    def _snapshot(self, session: str) -> tuple[bytearray, int, int]:
+        """The session's state as llama.cpp writes it, its length and edit, taken together."""
         with self._lock:
             s = self._get(session)
             size = self._llama.llama_state_seq_get_size(self._ctx, s.seq)
-            buf = (ctypes.c_uint8 * size)()
-            got = self._llama.llama_state_seq_get_data(self._ctx, buf, size, s.seq)
+            buf = bytearray(size)
+            view = (ctypes.c_uint8 * size).from_buffer(buf)
+            got = self._llama.llama_state_seq_get_data(self._ctx, view, size, s.seq)
+            del view
             if got == 0 and s.n_past:
                 raise EngineError(f"llama.cpp could not export the KV state of session {session!r}")
-            payload = ctypes.string_at(buf, got)
-            head = {
-                "shard_id": self.info.shard_id,
-                "layers": [self.layers.start, self.layers.end],
-                "n_past": s.n_past,
-                "n_ctx": self.n_ctx,
-                "max_sessions": self.max_sessions,
-                "flash_attn": self.flash_attn,
-            }
-            head["sha256"] = _kv_digest(head, payload)
-            header = json.dumps(head, sort_keys=True).encode()
-            return _KV_MAGIC + struct.pack("<I", len(header)) + header + payload
+            if got < size:
+                del buf[got:]
+            return buf, s.n_past, s.edit
+
+    def _head(self, n_past: int, lineage: str) -> dict:
+        return {"shard_id": self.info.shard_id, "layers": [self.layers.start, self.layers.end], "n_past": n_past,
+                "n_ctx": self.n_ctx, "max_sessions": self.max_sessions, "flash_attn": self.flash_attn,
+                "lineage": lineage}
+
+    def export_kv(self, session: str) -> bytes:
+        """The session's KV cache as a self-describing blob for `import_kv` on the same shard."""
+        payload, n_past, _ = self._snapshot(session)
+        return _pack_kv(self._head(n_past, secrets.token_hex(8)), payload)
+
+    def checkpoint_kv(self, session: str, base: KVBase | None = None,
+                      taken: Callable[[], None] | None = None) -> tuple[bytes, int, KVBase | None]:
+        """Like `export_kv`, but against `base` (what the last checkpoint of this session held) only what
+        changed since: the new cells and which cells are still held (`join_kv` puts them together).
+        A full state when there is no usable base. `taken` is called once the state is copied out (the
+        rest runs without the shard). Returns the blob, its positions and the base for the next one."""
+        try:
+            payload, n_past, edit = self._snapshot(session)
+        finally:
+            if taken is not None:
+                taken()
+        lay = kvstate.layout(payload)
+        held = kvstate.positions(payload, lay) if lay.size else None
+        usable = (base is not None and held is not None and base.edit == edit and base.n_past <= n_past
+                  and len(base.positions) == len(held))
+        if usable:
+            head = self._head(n_past, base.lineage)
+            head["base"] = base.n_past
+            blob = _pack_kv(head, kvstate.delta(payload, lay, list(base.positions)))
+        else:
+            head = self._head(n_past, secrets.token_hex(8))
+            blob = _pack_kv(head, payload)
+        return blob, n_past, (KVBase(head["lineage"], n_past, edit, tuple(held)) if held is not None else None)
 
     def import_kv(self, session: str, blob: bytes) -> None:
         """Load a blob from `export_kv` into `session` (opened if needed), replacing its KV cache."""
         head, payload = _parse_kv_blob(blob)
+        if "base" in head:
+            raise KVStateError("this KV state holds only what changed since an earlier one; put them together "
+                               "with join_kv first")
         if head["shard_id"] != self.info.shard_id:
             a, b = head["layers"]
             raise KVStateError(
@@ -488,7 +537,7 @@ class Shard:
                 self.open_session(session)
             s = self._sessions[session]
             self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
-            s.n_past = 0
+            s.n_past, s.edit = 0, next(_EDITS)
             if payload:
                 buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
                 if self._llama.llama_state_seq_set_data(self._ctx, buf, len(payload), s.seq) == 0:
@@ -526,9 +575,12 @@ class Shard:
             self.close()
 
 
-def kv_header(blob: bytes) -> dict:
-    """The header of a blob from `export_kv` (shard_id, layers, n_past, the layout), read without hashing
-    the payload: `import_kv` verifies the whole blob before llama.cpp sees it."""
+def kv_header(blob: bytes, verify: bool = False) -> dict:
+    """The header of a blob from `export_kv` or `checkpoint_kv` (shard_id, layers, n_past, the layout, and
+    for a delta the length of the state it builds on), read without hashing the payload unless `verify`:
+    `import_kv` and `join_kv` verify the whole blob before llama.cpp sees it."""
+    if verify:
+        return _parse_kv_blob(blob)[0]
     if len(blob) < len(_KV_MAGIC) + 4 or not bytes(blob[:len(_KV_MAGIC)]) == _KV_MAGIC:
         raise KVStateError("this is not a swarm KV state (bad magic); it must come from Shard.export_kv")
     (hlen,) = struct.unpack_from("<I", blob, len(_KV_MAGIC))
@@ -552,13 +604,45 @@ def _parse_kv_blob(blob: bytes, verify: bool = True) -> tuple[dict, bytes]:
     payload = blob[start + hlen:]
     if not isinstance(head, dict) or verify and _kv_digest(head, payload) != head.get("sha256"):
         raise KVStateError("KV state is damaged or truncated (checksum mismatch); export it again")
-    types = {"shard_id": str, "layers": list, "n_past": int, "n_ctx": int, "max_sessions": int, "flash_attn": bool}
-    if any(type(head.get(k)) is not t for k, t in types.items()) or len(head["layers"]) != 2:
+    types = {"shard_id": str, "layers": list, "n_past": int, "n_ctx": int, "max_sessions": int, "flash_attn": bool,
+             "lineage": str}
+    if any(type(head.get(k)) is not t for k, t in types.items()) or len(head["layers"]) != 2 or (
+            "base" in head and type(head["base"]) is not int):
         raise KVStateError("KV state header is malformed; export it again with this version")
     return head, payload
+
+
+def join_kv(blobs: Sequence[bytes]) -> bytes:
+    """A full KV state (from `export_kv` or `checkpoint_kv`) and the deltas taken after it, in order, as
+    one full state for `import_kv`; every piece's checksum is verified first."""
+    if not blobs:
+        raise KVStateError("no KV state to join")
+    parsed = [_parse_kv_blob(b) for b in blobs]
+    head = dict(parsed[0][0])
+    if "base" in head:
+        raise KVStateError("a chain of KV states must start with a full one")
+    for h, _ in parsed[1:]:
+        same = all(h.get(k) == head.get(k) for k in ("shard_id", "layers", "n_ctx", "max_sessions", "flash_attn",
+                                                     "lineage"))
+        if not same or h.get("base") != head["n_past"]:
+            raise KVStateError(f"KV delta for {h.get('base')} positions does not follow the state of {head['n_past']} "
+                               "before it (another session, shard or chain); take a full checkpoint again")
+        head["n_past"] = h["n_past"]
+    head.pop("sha256", None)
+    if len(parsed) == 1:
+        return bytes(blobs[0])
+    return _pack_kv(head, kvstate.apply(parsed[0][1], [p for _, p in parsed[1:]]))
+
+
+def _pack_kv(head: dict, payload: bytes) -> bytes:
+    head = dict(head, sha256=_kv_digest(head, payload))
+    header = json.dumps(head, sort_keys=True).encode()
+    return b"".join((_KV_MAGIC, struct.pack("<I", len(header)), header, payload))
 
 
 def _kv_digest(head: dict, payload: bytes) -> str:
     """sha256 over the header (without its digest) and the payload."""
     meta = json.dumps({k: v for k, v in head.items() if k != "sha256"}, sort_keys=True).encode()
-    return hashlib.sha256(struct.pack("<Q", len(meta)) + meta + payload).hexdigest()
+    h = hashlib.sha256(struct.pack("<Q", len(meta)) + meta)
+    h.update(payload)
+    return h.hexdigest()

@@ -199,8 +199,8 @@ class RunningNode:
         stub = self._coordinator_stub()
         return lambda request: stub.FetchShard(request, timeout=1800.0)
 
-    def _store_checkpoint(self, pieces) -> None:
-        self._coordinator_stub().StoreCheckpoint(pieces, timeout=300.0)
+    def _store_checkpoint(self, pieces) -> pb.CheckpointReply:
+        return self._coordinator_stub().StoreCheckpoint(pieces, timeout=300.0)
 
     def _coordinator_stub(self) -> pbg.CoordinatorStub:
         if self._stub is None:

@@ -22,7 +22,7 @@ import grpc
 from . import cache, wire
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
-from .engine import Shard
+from .engine import KVBase, Shard
 from .errors import BadInputError, NotReadyError, PeerError, SwarmError
 from .kept import KeptStep, OutputLog
 from .layers import LayerRange
@@ -55,6 +55,7 @@ class LoadedShard:
     kept: OutputLog = field(default_factory=OutputLog)  # outputs sent onward, for the next hop's recovery
     steps: dict[str, int] = field(default_factory=dict)  # per session, bumped by every step and rewind
     epochs: dict[str, int] = field(default_factory=dict)  # per session, the newest attempt seen
+    bases: dict[str, KVBase] = field(default_factory=dict)  # per session, what its last checkpoint held
     # Held across (attempt check, compute, step count) and across rewinds, so a stale step cannot slip
     # between a recovery's rewind and the retried step.
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -75,6 +76,7 @@ class LoadedShard:
         self.samplers.pop(session, None)
         self.steps.pop(session, None)
         self.epochs.pop(session, None)
+        self.bases.pop(session, None)
         self.kept.drop(session)
         self.shard.drop_session(session)
 
@@ -95,7 +97,7 @@ class NodeService(pbg.NodeServicer):
         shard_dir: Path | None = None,
         progress: bool = True,
         reprofile: bool = False,
-        checkpoint_sink: Callable[[Iterable[pb.Checkpoint]], None] | None = None,
+        checkpoint_sink: Callable[[Iterable[pb.Checkpoint]], pb.CheckpointReply | None] | None = None,
     ):
         self._key = key
         self._fetcher = fetcher
@@ -521,25 +523,38 @@ class NodeService(pbg.NodeServicer):
             if locked:
                 entry.lock.release()
             return
+        held = locked
+
+        def taken() -> None:  # the state is copied out: the next step may run
+            nonlocal held
+            if held:
+                held = False
+                entry.lock.release()
+
         try:
             if not locked:
                 entry.lock.acquire()
-            try:  # the state and its length together (a recovery may rewind concurrently)
-                blob = entry.shard.export_kv(sid)
-                positions = entry.shard.session_length(sid)
-            finally:
-                entry.lock.release()
+                held = True
+            # Only what changed since the last checkpoint the coordinator took, when it took one.
+            blob, positions, base = entry.shard.checkpoint_kv(sid, entry.bases.get(sid), taken=taken)
         except SwarmError as e:
             log.warning("could not checkpoint session %s: %s", sid, e)
             return
+        finally:
+            taken()
         checkpoint = (pb.Checkpoint(session_id=sid, layers=wire.span(entry.shard.layers), positions=positions),
-                      blob)
+                      blob, entry, sid)
         if self._pusher is None:
             self._pusher = threading.Thread(target=self._push_loop, name="checkpoints", daemon=True)
             self._pusher.start()
         try:
             self._outbox.put_nowait(checkpoint)  # the newest few; a slow link drops rather than queues
+            if base is None:
+                entry.bases.pop(sid, None)
+            else:
+                entry.bases[sid] = base
         except queue.Full:
+            entry.bases.pop(sid, None)  # the next one cannot build on this one
             log.warning("checkpoints are not getting through to the coordinator; dropped one of session %s", sid)
 
     def _push_loop(self) -> None:
@@ -547,11 +562,15 @@ class NodeService(pbg.NodeServicer):
             checkpoint = self._outbox.get()
             if checkpoint is None:
                 return
-            first, blob = checkpoint
+            first, blob, entry, sid = checkpoint
             try:
-                self._sink(wire.kv_pieces(first, blob))
+                reply = self._sink(wire.kv_pieces(first, blob))
+                taken = reply is None or not reply.need_full
             except Exception as e:  # the coordinator is away: the next checkpoint will do
                 log.warning("checkpoint of session %s not delivered: %s", first.session_id, e)
+                taken = False
+            if not taken:  # the coordinator lacks what a delta would build on: send a full state next
+                entry.bases.pop(sid, None)
 
     def _stub(self, address: str) -> pbg.NodeStub:
         with self._channels_lock:
