@@ -305,6 +305,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{r['sessions']} session(s), stall {r['stall_ms']:.0f} ms, successor {r['successor'] or '-'}"
               + (f", {r['replayed_positions']} positions replayed" if r["replayed_positions"] else "")
               + (f"; {r['detail']}" if r.get("detail") else ""))
+    c = {k: int(v) for k, v in (status.get("checkpoints") or {}).items()}
+    if c.get("full") or c.get("deltas"):
+        print(f"KV checkpoints: {c.get('full', 0)} full ({c.get('full_bytes', 0) / 1e6:.1f} MB), {c.get('deltas', 0)} "
+              f"deltas ({c.get('delta_bytes', 0) / 1e6:.1f} MB)"
+              + (f", {c['refused']} refused (base gone; a full one followed)" if c.get("refused") else ""))
     if not status["sessions"]:
         print("no sessions running")
     return 0

@@ -36,7 +36,7 @@ from ._proto import swarm_pb2_grpc as pbg
 from .engine import Tokenizer, join_kv, kv_header
 from .errors import BadInputError, KVStateError, NotReadyError, PeerError, ShardRangeError, SwarmError
 from . import failover
-from .failover import Recovery
+from .failover import Recovery, replay_budget_from_env
 from .gguf_file import read_gguf
 from .layers import LayerRange
 from .node import FORWARD_TIMEOUT_S, NodeService
@@ -222,6 +222,8 @@ class Coordinator:
         self._links: dict[tuple[str, str], tuple[float, float]] = {}
         self._prediction: planner.Prediction | None = None
         self._measured: collections.deque[float] = collections.deque(maxlen=20)
+        self._checkpoint_counts = pb.CheckpointCounts()
+        self.replay_budget_s = replay_budget_from_env()
         self._takeover = threading.Lock()  # one decision at a time about who takes a lost range
         self._replacements: dict[tuple[str, LayerRange], RouteHop] = {}  # (lost node, range) -> successor
         self._leaving: dict[str, dict[LayerRange, RouteHop]] = {}  # node leaving gracefully -> successors
@@ -846,7 +848,7 @@ class Coordinator:
             session.since[layers] = base + timing.compute_ms / 1e3
         for hop in session.route:
             if (self.failover_enabled and not hop.is_self
-                    and failover.should_checkpoint(session.since.get(hop.layers, 0.0))):
+                    and failover.should_checkpoint(session.since.get(hop.layers, 0.0), self.replay_budget_s)):
                 session.pending.add(hop.layers)
 
     def store_checkpoint(self, pieces: Iterable[pb.Checkpoint]) -> bool:
@@ -877,7 +879,13 @@ class Coordinator:
             if delta:
                 parent = next((c for c in held if c.positions == head["base"] and c.lineage == head["lineage"]), None)
                 if parent is None:
+                    self._checkpoint_counts.refused += 1
                     return False
+                self._checkpoint_counts.deltas += 1
+                self._checkpoint_counts.delta_bytes += len(blob)
+            else:
+                self._checkpoint_counts.full += 1
+                self._checkpoint_counts.full_bytes += len(blob)
             new = _Checkpoint(positions, head["lineage"], blob, parent, parent.links + 1 if parent else 0)
         if new.links > _MAX_LINKS:  # put the chain together, outside the lock
             full = new.state()
@@ -1171,6 +1179,7 @@ class Coordinator:
             if self._measured:
                 reply.measured_decode_tps = statistics.median(self._measured)
                 reply.measured_sessions = len(self._measured)
+            reply.checkpoints.CopyFrom(self._checkpoint_counts)
             for sid, s in self._sessions.items():
                 reply.sessions.add(session_id=sid, positions=s.positions, generated=s.generated, age_s=now - s.started,
                                    checkpoint_bytes=s.checkpoint_bytes())

@@ -5,9 +5,11 @@ Pure functions and plain records; the coordinator does the I/O.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
+from .errors import BadInputError
 from .layers import LayerRange
 
 # A hop is asked for a KV checkpoint once it has computed this much since its last one, so that
@@ -44,9 +46,23 @@ def choose_successor(need_bytes: int, candidates: list[Candidate]) -> Candidate 
     return min(fits, key=lambda c: (not c.has_file, round(c.step_s, 4), not c.serves_route, c.node_id))
 
 
-def should_checkpoint(compute_since_s: float) -> bool:
+def should_checkpoint(compute_since_s: float, budget_s: float = REPLAY_BUDGET_S) -> bool:
     """Whether a hop that computed `compute_since_s` since its last checkpoint should hand in another."""
-    return compute_since_s >= REPLAY_BUDGET_S
+    return compute_since_s >= budget_s
+
+
+def replay_budget_from_env(environ=os.environ) -> float:
+    """REPLAY_BUDGET_S, or SWARM_REPLAY_BUDGET_S (seconds of compute between a hop's checkpoints) if set."""
+    text = environ.get("SWARM_REPLAY_BUDGET_S", "")
+    if not text:
+        return REPLAY_BUDGET_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.001 <= value <= 3600:
+        raise BadInputError(f"SWARM_REPLAY_BUDGET_S must be seconds between 0.001 and 3600, got {text!r}")
+    return value
 
 
 def backoff_s(loss_times: list[float], now: float) -> float:

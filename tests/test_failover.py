@@ -100,6 +100,26 @@ def test_kill_9_at_a_random_token_gives_the_uninterrupted_text(swarm, reference,
     assert again.tokens == reference.run(PROMPTS[0], N)[1][:16]
 
 
+def test_a_rebuild_from_a_long_chain_of_kv_deltas(tmp_path, model_path, reference, monkeypatch):
+    """A checkpoint after almost every step: each is a delta on the one before (new cells only), chains
+    are put together every 32 links, and a kill -9 is rebuilt from such a chain with the text unchanged."""
+    monkeypatch.setenv("SWARM_REPLAY_BUDGET_S", "0.001")
+    prompt = PROMPTS[1]
+    _, expected, _ = reference.run(prompt, N)
+    swarm = _swarm(tmp_path, model_path)
+    try:
+        tokens, _ = _generate_breaking(swarm, prompt, [(96, _kill(swarm, "6:12"))])
+        assert tokens == expected
+        (r,) = _recoveries(swarm)
+        assert r["path"] == "replay" and r["replayed_positions"] <= 8, r
+        c = {k: int(v) for k, v in swarm.client.status()["checkpoints"].items()}
+        print(c)
+        assert c["deltas"] > 150 and c["full"] >= 3
+        assert c["delta_bytes"] / c["deltas"] < c["full_bytes"] / c["full"] / 3
+    finally:
+        swarm.close()
+
+
 def test_a_hung_node_is_declared_dead_within_3_s_and_recovered(swarm, reference):
     prompt = PROMPTS[1]
     _, expected, _ = reference.run(prompt, N)

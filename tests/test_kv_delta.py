@@ -1,0 +1,121 @@
+"""KV checkpoints as deltas: a full state, then only the cells that changed, put back together exactly.
+
+Real llama.cpp and the default model's shards: a session grows past Gemma 3's 512-position sliding
+window (its window cache drops old cells as new ones come), and the chain of deltas must join into
+exactly the bytes llama.cpp exports at the end, and import into a fresh shard that then computes
+exactly what the original does. Damaged or mismatched pieces are refused with KVStateError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swarm import kvstate
+from swarm.engine import Shard, _parse_kv_blob, join_kv, kv_header
+from swarm.errors import KVStateError
+from swarm.layers import LayerRange
+from swarm.slicing import slice_model
+
+N_CTX = 1280
+STEPS = [512, 512, 3, 1, 1, 200, 1, 1]  # prompt batches, then decode steps, past the window
+
+
+@pytest.fixture(scope="module", params=[(0, 6), (6, 12), (12, 18)], ids=["first", "middle", "last"])
+def shard_path(request, model_path):
+    return slice_model(model_path, LayerRange(*request.param)).path
+
+
+def _inputs(shard: Shard, rng, n: int):
+    if shard.layers.start == 0:
+        return [int(t) for t in rng.integers(10, 5000, n)]
+    return rng.standard_normal((n, shard.n_embd)).astype(np.float32)
+
+
+def _chain(shard: Shard, rng, session="s") -> tuple[list[bytes], int]:
+    chain, base, pos = [], None, 0
+    for n in STEPS:
+        shard.forward(session, _inputs(shard, rng, n), pos)
+        pos += n
+        blob, positions, base = shard.checkpoint_kv(session, base)
+        assert positions == pos == kv_header(blob)["n_past"]
+        chain.append(blob)
+    return chain, pos
+
+
+def test_a_chain_of_deltas_joins_into_exactly_the_exported_state(shard_path):
+    rng = np.random.default_rng(1)
+    with Shard(shard_path, n_ctx=N_CTX, max_sessions=2) as shard:
+        shard.open_session("other")
+        shard.forward("other", _inputs(shard, rng, 40), 0)  # another session in the same context
+        shard.open_session("s")
+        chain, pos = _chain(shard, rng)
+        heads = [kv_header(b) for b in chain]
+        assert "base" not in heads[0] and all(h["base"] == p["n_past"] for h, p in zip(heads[1:], heads))
+        assert len({h["lineage"] for h in heads}) == 1
+        assert all(len(d) < len(chain[0]) / 50 for d, n in zip(chain[1:], STEPS[1:]) if n == 1)  # one new cell
+        joined = join_kv(chain)
+        assert _parse_kv_blob(joined)[1] == _parse_kv_blob(shard.export_kv("s"))[1]
+        cells = kvstate.layout(_parse_kv_blob(joined)[1]).cells
+        assert max(cells) == pos and min(c for c in cells if c) < pos  # the window cache did drop cells
+        with Shard(shard_path, n_ctx=N_CTX, max_sessions=2) as fresh:
+            fresh.import_kv("s", joined)
+            x = _inputs(shard, rng, 1)
+            assert np.array_equal(shard.forward("s", x, pos), fresh.forward("s", x, pos))
+
+
+def test_a_rewind_or_an_import_starts_a_new_chain(shard_path):
+    rng = np.random.default_rng(2)
+    with Shard(shard_path, n_ctx=N_CTX) as shard:
+        shard.open_session("s")
+        shard.forward("s", _inputs(shard, rng, 30), 0)
+        blob, _, base = shard.checkpoint_kv("s")
+        shard.forward("s", _inputs(shard, rng, 1), 30)
+        delta, _, base = shard.checkpoint_kv("s", base)
+        assert kv_header(delta)["base"] == 30
+        shard.rollback("s", 29)
+        again, n, base = shard.checkpoint_kv("s", base)
+        assert n == 29 and "base" not in kv_header(again)  # the cells changed: a full state
+        shard.import_kv("s", blob)
+        after, n, _ = shard.checkpoint_kv("s", base)
+        assert n == 30 and "base" not in kv_header(after)
+
+
+def test_damaged_or_mismatched_pieces_are_refused(shard_path):
+    rng = np.random.default_rng(3)
+    with Shard(shard_path, n_ctx=N_CTX, max_sessions=2) as shard:
+        shard.open_session("s")
+        chain, _ = _chain(shard, rng)
+        with pytest.raises(KVStateError, match="join_kv first"):
+            shard.import_kv("s", chain[-1])  # a delta alone is not a state
+        with pytest.raises(KVStateError, match="must start with a full one"):
+            join_kv(chain[1:])
+        with pytest.raises(KVStateError, match="does not follow"):
+            join_kv([chain[0], chain[2]])  # a link left out
+        shard.open_session("t")
+        other, _ = _chain(shard, np.random.default_rng(4), "t")
+        with pytest.raises(KVStateError, match="does not follow"):
+            join_kv([chain[0], other[1]])  # another chain
+        damaged = bytearray(chain[3])
+        damaged[-5] ^= 0xFF
+        with pytest.raises(KVStateError, match="checksum"):
+            join_kv(chain[:3] + [bytes(damaged)])
+        assert join_kv(chain)  # the good chain still joins
+
+
+def test_parsing_refuses_what_llama_cpp_did_not_write(shard_path):
+    rng = np.random.default_rng(5)
+    with Shard(shard_path, n_ctx=N_CTX) as shard:
+        shard.open_session("s")
+        shard.forward("s", _inputs(shard, rng, 20), 0)
+        payload = _parse_kv_blob(shard.export_kv("s"))[1]
+    assert kvstate.layout(payload).cells[0] == 20
+    for bad in (payload[:5], payload[:len(payload) // 2], payload[:8] + b"\xff\xff\xff\xff" + payload[12:],
+                payload[:8] + b"\x00\x00\x00\x00"):
+        with pytest.raises(KVStateError):
+            kvstate.layout(bad)
+    lay = kvstate.layout(payload)
+    with pytest.raises(KVStateError):
+        kvstate.apply(payload, [b"\x01\x00\x00\x00" + b"\x05\x00\x00\x00" + b"\x00" * 8])  # names cells no piece has
+    assert kvstate.apply(payload, []) == payload
+    assert kvstate.delta(payload, lay, kvstate.positions(payload, lay))  # nothing new: still a valid delta
