@@ -24,6 +24,7 @@ alternating round by round on one swarm, at a short and a long context.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import statistics
@@ -112,13 +113,40 @@ class Bench:
         return {"stall_ms": r["stall_ms"], "detect_ms": 1e3 * (r["at_unix"] - signalled), "path": r["path"],
                 "replayed": r["replayed_positions"], "detail": r["detail"]}
 
-    def decode_tps(self, prompt: str, n: int) -> tuple[float, int]:
-        gen = self.client.generate(prompt, max_tokens=n)
-        held = 0
-        for i, _ in enumerate(gen):  # the coordinator's checkpoints of this session, at their largest
-            if i % 32 == 31:
-                held = max(held, sum(int(s["checkpoint_bytes"]) for s in self.client.status()["sessions"]))
-        return gen.result.tokens_per_s, held
+    def decode(self, prompt: str, n: int) -> dict:
+        """One generation: decode tokens/s, the checkpoints held (at their largest) and shipped, and how much
+        longer the steps that took a checkpoint (and the step after each) ran than the others."""
+        steps: list[tuple[float, bool]] = []
+        request = self.coordinator._request
+
+        def traced(sid, session, tokens, start, sample):  # when each step starts, and whether it checkpoints
+            message = request(sid, session, tokens, start, sample)
+            steps.append((time.perf_counter(), message.checkpoint or any(h.checkpoint for h in message.next)))
+            return message
+
+        before = self.client.status().get("checkpoints", {})
+        self.coordinator._request = traced
+        try:
+            gen = self.client.generate(prompt, max_tokens=n)
+            held = 0
+            for i, _ in enumerate(gen):
+                if i % 32 == 31:
+                    held = max(held, sum(int(s["checkpoint_bytes"]) for s in self.client.status()["sessions"]))
+        finally:
+            del self.coordinator._request
+        after = self.client.status().get("checkpoints", {})
+        shipped = sum(int(after.get(k, 0)) - int(before.get(k, 0)) for k in ("full_bytes", "delta_bytes"))
+        decode = steps[-(n - 1):]  # the decode steps (after the prompt's)
+        dts = [(b[0] - a[0], a[1]) for a, b in zip(decode, decode[1:])]
+        marked = ({i for i, (_, c) in enumerate(dts) if c} | {i + 1 for i, (_, c) in enumerate(dts) if c}) & set(
+            range(len(dts)))
+        plain = [dt for i, (dt, _) in enumerate(dts) if i not in marked]
+        extra = 0.0
+        if marked and plain:  # how much longer those steps ran than the others, on average, times their number
+            extra = len(marked) * (statistics.mean(dts[i][0] for i in marked) - statistics.mean(plain))
+        total = sum(dt for dt, _ in dts) or 1.0
+        return {"tps": gen.result.tokens_per_s, "first_ms": gen.result.first_token_ms, "held": held, "shipped": shipped, "extra": extra / total,
+                "checkpoints": sum(c for _, c in dts)}
 
     def close(self) -> None:
         for p in self.procs.values():
@@ -142,6 +170,8 @@ def main() -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--contexts", default="128,512,2048")
+    ap.add_argument("--control", action="store_true",
+                    help="cost part: run both arms with failover on, to see the method's own scatter")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--parts", default="stalls,detection,cost", help="which measurements to run")
     args = ap.parse_args()
@@ -185,16 +215,24 @@ def main() -> int:
             detect["SIGSTOP"].append(bench.trial(prompt, n, "6:12", signal.SIGSTOP, expected)["detect_ms"])
         for context in (contexts[0], contexts[-1]) if "cost" in parts else ():
             prompt = bench.prompt(context)
-            on, off, held = [], [], []
-            for r in range(args.rounds + 2):
+            on, off, runs, first_off = [], [], [], []
+            for r in range(args.rounds + args.rounds % 2):  # an even count: each arm goes first equally often
+                got = {}
                 for enabled in (True, False) if r % 2 else (False, True):
-                    bench.coordinator.failover_enabled = enabled
-                    tps, blobs = bench.decode_tps(prompt, 128)
-                    (on if enabled else off).append(tps)
-                    if enabled:
-                        held.append(blobs)
+                    # --control: both arms run with failover on, which shows how much the method itself scatters
+                    bench.coordinator.failover_enabled = enabled or args.control
+                    got[enabled] = bench.decode(prompt, 128)
+                on.append(got[True]["tps"]), off.append(got[False]["tps"]), runs.append(got[True])
+                first_off.append(got[False]["first_ms"])
+                print(f"context {context}, round {r}: on {got[True]['tps']:.1f} tok/s, off {got[False]['tps']:.1f} "
+                      f"tok/s; {got[True]['checkpoints']} checkpoint steps, {got[True]['extra']:.1%} extra time",
+                      file=sys.stderr)
             bench.coordinator.failover_enabled = True
-            cost.append((context, statistics.median(on), statistics.median(off), max(held)))
+            ratio = math.exp(statistics.mean(math.log(a / b) for a, b in zip(on, off)))
+            cost.append((context, statistics.median(on), statistics.median(off), ratio,
+                         statistics.median(r["extra"] for r in runs), statistics.median(r["checkpoints"] for r in runs),
+                         statistics.median(r["shipped"] for r in runs), max(r["held"] for r in runs),
+                         statistics.median(r["first_ms"] for r in runs), statistics.median(first_off)))
     finally:
         bench.close()
 
@@ -209,10 +247,17 @@ def main() -> int:
     for what, values in detect.items():
         if values:
             print(f"| {what} | {statistics.median(values):.0f} | {max(values):.0f} |")
-    print("\n| context | decode tok/s, failover on | off | on / off | checkpoints held per session (MB) |")
-    print("|---|---|---|---|---|")
-    for context, on, off, held in cost:
-        print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {on / off:.1%} | {held / 1e6:.1f} |")
+    arms = "on, and on again (--control)" if args.control else "on | off"
+    print(f"\nfailover {arms}, {args.rounds + args.rounds % 2} rounds, each arm first in half of them; on / off: "
+          "geometric mean of the rounds' ratios; checkpoint steps: how much longer the steps that took a checkpoint, "
+          "and the step after each, ran than the other steps on average, times their number, as a share of decode time "
+          "(failover on, median)")
+    print("\n| context | decode tok/s, on | off | on / off | checkpoint steps' extra time | checkpoints in decode "
+          "| shipped per generation (MB) | held per session (MB) | first token ms, on | off |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for context, on, off, ratio, extra, count, shipped, held, first_on, first_off in cost:
+        print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {ratio:.1%} | {extra:.1%} | {count:.0f} | {shipped / 1e6:.2f} "
+              f"| {held / 1e6:.1f} | {first_on:.0f} | {first_off:.0f} |")
     return 0
 
 

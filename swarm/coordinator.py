@@ -721,7 +721,12 @@ class Coordinator:
         session.prompt_len = len(tokens)
         for i in range(0, len(tokens), self.n_batch):
             piece = tokens[i:i + self.n_batch]
-            reply = self._advance(sid, session, piece, i, sample=i + self.n_batch >= len(tokens))
+            last_piece = i + self.n_batch >= len(tokens)
+            if last_piece and self.failover_enabled:
+                # Every remote hop checkpoints with the prompt's last piece: the prompt is the costliest part
+                # to replay, and its checkpoint (the session's largest) is taken before the first token.
+                session.pending |= {h.layers for h in session.route if not h.is_self}
+            reply = self._advance(sid, session, piece, i, sample=last_piece)
         stream = TextStream(stops)
         totals = pb.StepTimings()
         first = last = None

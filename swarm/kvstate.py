@@ -197,7 +197,7 @@ def _parts(payloads: list) -> list[tuple[memoryview, Layout]]:
     parts = [(memoryview(p), layout(p)) for p in payloads]
     first = parts[0][1]
     for _, lay in parts[1:]:  # (a stream without cells has no layer headers: those are compared in _pick)
-        if lay.size and (lay.prefix != first.prefix or [len(c) for c in lay.caches] != [len(c) for c in first.caches]):
+        if lay.prefix != first.prefix or [len(c) for c in lay.caches] != [len(c) for c in first.caches]:
             raise KVStateError("these KV states do not fit together (another model, shard or layout); "
                                "take a full checkpoint again")
         if any(not s.uniform for c in lay.caches for s in c):
@@ -229,10 +229,12 @@ def apply(full, deltas: list) -> bytes:
             order.append(np.frombuffer(r.data, "<i4", n, r.skip(4 * n)))
         payloads.append(r.data[r.at:])
     parts = _parts(payloads)
+    if not parts[0][1].size or len(order) != len(parts[0][1].cells):
+        raise KVStateError("a KV delta does not match its base's streams; take a full checkpoint again")
     held = [positions(d, lay) for d, lay in parts]
     picks = []
     for i, want in enumerate(order):
-        have = np.concatenate([h[i] for h in held]) if held[0] is not None else np.zeros(0, "<i4")
+        have = np.concatenate([h[i] for h in held])
         if len(want) and not len(have):
             raise KVStateError("a KV delta names cells that none of the pieces holds; take a full checkpoint again")
         sorter = np.argsort(have, kind="stable")
@@ -241,6 +243,4 @@ def apply(full, deltas: list) -> bytes:
         if len(want) and not np.array_equal(have[at], want):
             raise KVStateError("a KV delta names cells that none of the pieces holds; take a full checkpoint again")
         picks.append(at)
-    if len(order) != len(parts[0][1].cells):
-        raise KVStateError("a KV delta does not match its base's streams; take a full checkpoint again")
     return _pick(parts, picks, parts[0][1].prefix)

@@ -537,7 +537,8 @@ class NodeService(pbg.NodeServicer):
                 held = True
             # Only what changed since the last checkpoint the coordinator took, when it took one.
             blob, positions, base = entry.shard.checkpoint_kv(sid, entry.bases.get(sid), taken=taken)
-        except SwarmError as e:
+        except Exception as e:  # a checkpoint never fails the step; the next one starts a new chain
+            entry.bases.pop(sid, None)
             log.warning("could not checkpoint session %s: %s", sid, e)
             return
         finally:

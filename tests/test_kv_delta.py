@@ -117,5 +117,7 @@ def test_parsing_refuses_what_llama_cpp_did_not_write(shard_path):
     lay = kvstate.layout(payload)
     with pytest.raises(KVStateError):
         kvstate.apply(payload, [b"\x01\x00\x00\x00" + b"\x05\x00\x00\x00" + b"\x00" * 8])  # names cells no piece has
+    with pytest.raises(KVStateError):
+        kvstate.apply(payload, [b"\x00\x00\x00\x00" + payload[:8]])  # a delta without the base's streams
     assert kvstate.apply(payload, []) == payload
     assert kvstate.delta(payload, lay, kvstate.positions(payload, lay))  # nothing new: still a valid delta
