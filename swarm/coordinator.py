@@ -849,8 +849,8 @@ class Coordinator:
         asked, session.pending = session.pending, set()
         for timing in reply.timings:
             layers = wire.layer_range(timing.layers)
-            base = 0.0 if layers in asked else session.since.get(layers, 0.0)
-            session.since[layers] = base + timing.compute_ms / 1e3
+            # A hop asked for a checkpoint exported it after this step's compute: nothing to replay since.
+            session.since[layers] = 0.0 if layers in asked else session.since.get(layers, 0.0) + timing.compute_ms / 1e3
         for hop in session.route:
             if (self.failover_enabled and not hop.is_self
                     and failover.should_checkpoint(session.since.get(hop.layers, 0.0), self.replay_budget_s)):

@@ -13,8 +13,8 @@ from .errors import BadInputError
 from .layers import LayerRange
 
 # A hop is asked for a KV checkpoint once it has computed this much since its last one, so that
-# rebuilding it elsewhere replays at most about this much compute. A long prompt counts: the step
-# after it checkpoints.
+# rebuilding it elsewhere replays at most about this much compute (plus the step that passes it).
+# Every hop also checkpoints with a prompt's last piece (the coordinator sees to that).
 REPLAY_BUDGET_S = 0.3
 # A node lost this many times within FLAP_WINDOW_S is kept out of plans for a while, doubling each time.
 FLAP_LOSSES = 2
