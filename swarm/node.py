@@ -548,12 +548,12 @@ class NodeService(pbg.NodeServicer):
         if self._pusher is None:
             self._pusher = threading.Thread(target=self._push_loop, name="checkpoints", daemon=True)
             self._pusher.start()
+        if base is None:
+            entry.bases.pop(sid, None)
+        else:
+            entry.bases[sid] = base  # before the pusher can answer for this one
         try:
             self._outbox.put_nowait(checkpoint)  # the newest few; a slow link drops rather than queues
-            if base is None:
-                entry.bases.pop(sid, None)
-            else:
-                entry.bases[sid] = base
         except queue.Full:
             entry.bases.pop(sid, None)  # the next one cannot build on this one
             log.warning("checkpoints are not getting through to the coordinator; dropped one of session %s", sid)
