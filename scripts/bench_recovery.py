@@ -15,10 +15,12 @@ uninterrupted run, reads the coordinator's recovery record, and restarts the bro
 Stall is the coordinator's figure: from detecting the failure to the first token after it.
 Detection is measured from the signal: kill -9 (a dead process) and SIGSTOP (a hung one).
 The steady-state cost compares decode tokens/s with failover on and off (`swarm join --no-failover`),
-alternating round by round on one swarm, at a short and a long context.
+alternating round by round on one swarm (each arm first in half the rounds), at a short and a long
+context, and times the steps that took a checkpoint against the others inside each generation.
+`--control` runs both arms with failover on, to show how much the comparison scatters by itself.
 
     python scripts/bench_recovery.py                      # contexts 128,512,2048, 3 rounds
-    python scripts/bench_recovery.py --contexts 128,2048 --rounds 5
+    python scripts/bench_recovery.py --parts cost --contexts 128,2048 --rounds 24
 """
 
 from __future__ import annotations
@@ -247,6 +249,8 @@ def main() -> int:
     for what, values in detect.items():
         if values:
             print(f"| {what} | {statistics.median(values):.0f} | {max(values):.0f} |")
+    if not cost:
+        return 0
     arms = "on, and on again (--control)" if args.control else "on | off"
     print(f"\nfailover {arms}, {args.rounds + args.rounds % 2} rounds, each arm first in half of them; on / off: "
           "geometric mean of the rounds' ratios; checkpoint steps: how much longer the steps that took a checkpoint, "
