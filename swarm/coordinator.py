@@ -885,6 +885,7 @@ class Coordinator:
                 parent = next((c for c in held if c.positions == head["base"] and c.lineage == head["lineage"]), None)
                 if parent is None:
                     self._checkpoint_counts.refused += 1
+                    session.pending.add(layers)  # the whole state comes with the next step
                     return False
                 self._checkpoint_counts.deltas += 1
                 self._checkpoint_counts.delta_bytes += len(blob)

@@ -495,8 +495,12 @@ class Shard:
         finally:
             if taken is not None:
                 taken()
-        lay = kvstate.layout(payload)
-        held = kvstate.positions(payload, lay) if lay.size else None
+        try:
+            lay = kvstate.layout(payload)
+            held = kvstate.positions(payload, lay) if lay.size else None
+        except KVStateError as e:  # a layout this version does not know: whole states only
+            log.warning("KV state of shard %s not understood (%s); checkpoints stay whole", self.layers, e)
+            lay, held = None, None
         usable = (base is not None and held is not None and base.edit == edit and base.n_past <= n_past
                   and len(base.positions) == len(held))
         if usable:
@@ -631,7 +635,13 @@ def join_kv(blobs: Sequence[bytes]) -> bytes:
     head.pop("sha256", None)
     if len(parsed) == 1:
         return bytes(blobs[0])
-    return _pack_kv(head, kvstate.apply(parsed[0][1], [p for _, p in parsed[1:]]))
+    try:
+        payload = kvstate.apply(parsed[0][1], [p for _, p in parsed[1:]])
+    except (ValueError, TypeError, IndexError, MemoryError) as e:  # KVStateError is a ValueError too
+        if isinstance(e, KVStateError):
+            raise
+        raise KVStateError(f"these KV pieces do not fit together ({e}); take a full checkpoint again") from None
+    return _pack_kv(head, payload)
 
 
 def _pack_kv(head: dict, payload: bytes) -> bytes:

@@ -9,9 +9,9 @@ components the values of those cells (`type, element size, components, values`).
 
 A session's cells keep their data once written (nothing here shifts positions), and a window cache drops
 its oldest cells as new ones come, so a later state of the same session is an earlier one minus some
-cells plus some new ones. `delta` writes just that: the positions the later state holds, in its order,
-and the new cells as a state of the same layout; `apply` puts a state and its deltas back together,
-byte for byte what llama.cpp exported at the end. Both check the layout (types, sizes, layer counts,
+cells plus some new ones. `delta` writes just that: the positions the later state holds, in its order
+(as runs of consecutive positions), and the new cells as a state of the same layout; `apply` puts a
+state and its deltas back together, byte for byte what llama.cpp exported at the end. Both check the layout (types, sizes, layer counts,
 which cells exist) and raise KVStateError on anything that does not fit, so damaged bytes never reach
 llama.cpp.
 
@@ -196,7 +196,7 @@ def _pick(parts: list[tuple[memoryview, Layout]], picks: list[np.ndarray], prefi
 def _parts(payloads: list) -> list[tuple[memoryview, Layout]]:
     parts = [(memoryview(p), layout(p)) for p in payloads]
     first = parts[0][1]
-    for _, lay in parts[1:]:  # (a stream without cells has no layer headers: those are compared in _pick)
+    for _, lay in parts:  # (a stream without cells has no layer headers: those are compared in _pick)
         if lay.prefix != first.prefix or [len(c) for c in lay.caches] != [len(c) for c in first.caches]:
             raise KVStateError("these KV states do not fit together (another model, shard or layout); "
                                "take a full checkpoint again")
@@ -212,7 +212,12 @@ def delta(payload, lay: Layout, base: list[np.ndarray]) -> bytes:
     if now is None or len(now) != len(base):
         raise KVStateError("this KV state cannot be taken as a delta (its cells are shared between sequences)")
     picks = [np.flatnonzero(~np.isin(p, b)) for p, b in zip(now, base)]
-    head = [_U32.pack(len(now))] + [_U32.pack(len(p)) + p.astype("<i4").tobytes() for p in now]
+    head = [_U32.pack(len(now))]
+    for p in now:  # as runs of consecutive positions (usually one per stream)
+        cut = np.flatnonzero(np.diff(p) != 1) + 1
+        starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(p)]))
+        runs = np.stack([p[starts], ends - starts], axis=1).astype("<i4") if len(p) else np.zeros((0, 2), "<i4")
+        head.append(_U32.pack(len(runs)) + runs.tobytes())
     return b"".join(head) + _pick([(memoryview(payload), lay)], picks, lay.prefix)
 
 
@@ -226,15 +231,21 @@ def apply(full, deltas: list) -> bytes:
         order = []
         for _ in range(r.take(_U32)):
             n = r.take(_U32)
-            order.append(np.frombuffer(r.data, "<i4", n, r.skip(4 * n)))
+            order.append(np.frombuffer(r.data, "<i4", 2 * n, r.skip(8 * n)).reshape(n, 2).astype(np.int64))
         payloads.append(r.data[r.at:])
     parts = _parts(payloads)
     if not parts[0][1].size or len(order) != len(parts[0][1].cells):
         raise KVStateError("a KV delta does not match its base's streams; take a full checkpoint again")
     held = [positions(d, lay) for d, lay in parts]
     picks = []
-    for i, want in enumerate(order):
+    for i, runs in enumerate(order):
         have = np.concatenate([h[i] for h in held])
+        if np.any(runs[:, 1] < 0) or runs[:, 1].sum() > len(have):
+            raise KVStateError("a KV delta names more cells than the pieces hold; take a full checkpoint again")
+        want = np.concatenate([np.arange(a, a + k) for a, k in runs]) if len(runs) else np.zeros(0, np.int64)
+        if len(np.unique(want)) != len(want):
+            raise KVStateError("a KV delta names more cells than the pieces hold, or one cell twice; "
+                               "take a full checkpoint again")
         if len(want) and not len(have):
             raise KVStateError("a KV delta names cells that none of the pieces holds; take a full checkpoint again")
         sorter = np.argsort(have, kind="stable")

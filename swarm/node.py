@@ -548,10 +548,12 @@ class NodeService(pbg.NodeServicer):
         if self._pusher is None:
             self._pusher = threading.Thread(target=self._push_loop, name="checkpoints", daemon=True)
             self._pusher.start()
-        if base is None:
-            entry.bases.pop(sid, None)
-        else:
-            entry.bases[sid] = base  # before the pusher can answer for this one
+        with entry.lock:  # before the pusher can answer for this one; not for a session dropped meanwhile
+            old = entry.bases.get(sid)
+            if base is None or sid not in entry.steps:
+                entry.bases.pop(sid, None)
+            elif old is None or old.edit != base.edit or old.n_past <= base.n_past:
+                entry.bases[sid] = base
         try:
             self._outbox.put_nowait(checkpoint)  # the newest few; a slow link drops rather than queues
         except queue.Full:

@@ -8,11 +8,13 @@ exactly what the original does. Damaged or mismatched pieces are refused with KV
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 
 from swarm import kvstate
-from swarm.engine import Shard, _parse_kv_blob, join_kv, kv_header
+from swarm.engine import Shard, _pack_kv, _parse_kv_blob, join_kv, kv_header
 from swarm.errors import KVStateError
 from swarm.layers import LayerRange
 from swarm.slicing import slice_model
@@ -100,6 +102,19 @@ def test_damaged_or_mismatched_pieces_are_refused(shard_path):
         damaged[-5] ^= 0xFF
         with pytest.raises(KVStateError, match="checksum"):
             join_kv(chain[:3] + [bytes(damaged)])
+        # Checksummed but lying (a peer holding the key): a cell list naming a million cells, or one twice.
+        head, payload = _parse_kv_blob(chain[3])
+        head = {k: v for k, v in head.items() if k != "sha256"}
+        (streams,) = struct.unpack_from("<I", payload)
+        (runs,) = struct.unpack_from("<I", payload, 4)
+        for lie in ((0, 1_000_000), (0, 2)):
+            forged = bytearray(payload)
+            struct.pack_into("<ii", forged, 8, *lie)  # the first stream's first run: (start, count)
+            if lie[1] == 2:  # one run naming cell 0 twice: (0, 1) then (0, 1)
+                forged = payload[:4] + struct.pack("<Iiiii", 2, 0, 1, 0, 1) + payload[8 + 8 * runs:]
+            with pytest.raises(KVStateError, match="names more cells|twice|does not match"):
+                join_kv(chain[:3] + [_pack_kv(head, bytes(forged))])
+        assert streams == len(kvstate.layout(_parse_kv_blob(chain[0])[1]).cells)
         assert join_kv(chain)  # the good chain still joins
 
 
@@ -116,7 +131,7 @@ def test_parsing_refuses_what_llama_cpp_did_not_write(shard_path):
             kvstate.layout(bad)
     lay = kvstate.layout(payload)
     with pytest.raises(KVStateError):
-        kvstate.apply(payload, [b"\x01\x00\x00\x00" + b"\x05\x00\x00\x00" + b"\x00" * 8])  # names cells no piece has
+        kvstate.apply(payload, [b"\x01\x00\x00\x00" + b"\x05\x00\x00\x00" + b"\x00" * 8])  # cut short
     with pytest.raises(KVStateError):
         kvstate.apply(payload, [b"\x00\x00\x00\x00" + payload[:8]])  # a delta without the base's streams
     assert kvstate.apply(payload, []) == payload
