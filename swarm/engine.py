@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import os
+import secrets
 import struct
 import threading
-import itertools
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -218,6 +218,8 @@ class KVBase:
     n_past: int
     edit: int
     positions: tuple  # per stream, the cell positions it held (numpy arrays)
+
+
 _MAX_CTX = 1 << 24  # llama.cpp's context fields are 32-bit; this is far beyond any model's context
 
 
