@@ -147,8 +147,8 @@ class Bench:
         if marked and plain:  # how much longer those steps ran than the others, on average, times their number
             extra = len(marked) * (statistics.mean(dts[i][0] for i in marked) - statistics.mean(plain))
         total = sum(dt for dt, _ in dts) or 1.0
-        return {"tps": gen.result.tokens_per_s, "first_ms": gen.result.first_token_ms, "held": held, "shipped": shipped, "extra": extra / total,
-                "checkpoints": sum(c for _, c in dts)}
+        return {"tps": gen.result.tokens_per_s, "first_ms": gen.result.first_token_ms, "held": held,
+                "shipped": shipped, "extra": extra / total, "checkpoints": sum(c for _, c in dts)}
 
     def close(self) -> None:
         for p in self.procs.values():
@@ -230,7 +230,10 @@ def main() -> int:
                       f"tok/s; {got[True]['checkpoints']} checkpoint steps, {got[True]['extra']:.1%} extra time",
                       file=sys.stderr)
             bench.coordinator.failover_enabled = True
-            ratio = math.exp(statistics.mean(math.log(a / b) for a, b in zip(on, off)))
+            logs = [math.log(a / b) for a, b in zip(on, off)]
+            spread = 2 * statistics.stdev(logs) / math.sqrt(len(logs))  # two standard errors
+            ratio = (math.exp(statistics.mean(logs)), math.exp(statistics.mean(logs) - spread),
+                     math.exp(statistics.mean(logs) + spread))
             cost.append((context, statistics.median(on), statistics.median(off), ratio,
                          statistics.median(r["extra"] for r in runs), statistics.median(r["checkpoints"] for r in runs),
                          statistics.median(r["shipped"] for r in runs), max(r["held"] for r in runs),
@@ -253,15 +256,17 @@ def main() -> int:
         return 0
     arms = "on, and on again (--control)" if args.control else "on | off"
     print(f"\nfailover {arms}, {args.rounds + args.rounds % 2} rounds, each arm first in half of them; on / off: "
-          "geometric mean of the rounds' ratios; checkpoint steps: how much longer the steps that took a checkpoint, "
+          "geometric mean of the rounds' ratios (interval: plus or minus two standard errors); checkpoint steps: "
+          "how much longer the steps that took a checkpoint, "
           "and the step after each, ran than the other steps on average, times their number, as a share of decode time "
           "(failover on, median)")
-    print("\n| context | decode tok/s, on | off | on / off | checkpoint steps' extra time | checkpoints in decode "
-          "| shipped per generation (MB) | held per session (MB) | first token ms, on | off |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for context, on, off, ratio, extra, count, shipped, held, first_on, first_off in cost:
-        print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {ratio:.1%} | {extra:.1%} | {count:.0f} | {shipped / 1e6:.2f} "
-              f"| {held / 1e6:.1f} | {first_on:.0f} | {first_off:.0f} |")
+    print("\n| context | decode tok/s, on (median) | off (median) | on / off | 95% interval of on / off "
+          "| checkpoint steps' extra time | checkpoints in decode | shipped per generation (MB) | held per session (MB) "
+          "| first token ms, on | off |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for context, on, off, (ratio, low, high), extra, count, shipped, held, first_on, first_off in cost:
+        print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {ratio:.1%} | {low:.1%}-{high:.1%} | {extra:.1%} | {count:.0f} "
+              f"| {shipped / 1e6:.2f} | {held / 1e6:.1f} | {first_on:.0f} | {first_off:.0f} |")
     return 0
 
 

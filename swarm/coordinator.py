@@ -900,7 +900,8 @@ class Coordinator:
             confirmed = session.kept_from(layers)
             # The newest checkpoint of a completed step, and any newer one of a step still under way.
             session.checkpoints[layers] = sorted(
-                [c for c in session.checkpoints.get(layers, []) if c.positions >= confirmed and c.positions != positions]
+                [c for c in session.checkpoints.get(layers, [])
+                 if c.positions >= confirmed and c.positions != positions]
                 + [new], key=lambda c: c.positions)[-3:]
         return True
 

@@ -11,9 +11,9 @@ A session's cells keep their data once written (nothing here shifts positions), 
 its oldest cells as new ones come, so a later state of the same session is an earlier one minus some
 cells plus some new ones. `delta` writes just that: the positions the later state holds, in its order
 (as runs of consecutive positions), and the new cells as a state of the same layout; `apply` puts a
-state and its deltas back together, byte for byte what llama.cpp exported at the end. Both check the layout (types, sizes, layer counts,
-which cells exist) and raise KVStateError on anything that does not fit, so damaged bytes never reach
-llama.cpp.
+state and its deltas back together, byte for byte what llama.cpp exported at the end. Both check the
+layout (types, sizes, layer counts, which cells exist) and raise KVStateError on anything that does not
+fit, so damaged bytes never reach llama.cpp.
 
 Pure bytes and numpy; nothing here talks to llama.cpp.
 """
@@ -181,16 +181,21 @@ def _pick(parts: list[tuple[memoryview, Layout]], picks: list[np.ndarray], prefi
                         (b.head, b.rows, b.width) for b in first.blocks]:
                     raise KVStateError("these KV states do not fit together (layer types or sizes differ); "
                                        "take a full checkpoint again")
-            meta = np.concatenate([np.frombuffer(d, np.uint8, 12 * s.cells, s.meta[0]).reshape(s.cells, 12)
-                                   for d, s in pieces])
+            meta = _joined([np.frombuffer(d, np.uint8, 12 * s.cells, s.meta[0]).reshape(s.cells, 12)
+                            for d, s in pieces], axis=0)
             out.append(meta[pick])
             out.append(first.tag)
             for j, b in enumerate(first.blocks):
                 out.append(b.head)
-                cells = np.concatenate([np.frombuffer(d, np.uint8, b.rows * s.cells * b.width, s.blocks[j].at)
-                                        .reshape(b.rows, s.cells, b.width) for d, s in pieces], axis=1)
+                cells = _joined([np.frombuffer(d, np.uint8, b.rows * s.cells * b.width, s.blocks[j].at)
+                                 .reshape(b.rows, s.cells, b.width) for d, s in pieces], axis=1)
                 out.append(np.ascontiguousarray(cells[:, pick, :]))
     return b"".join(out)
+
+
+def _joined(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+    """The arrays laid end to end; a single one as it is (a delta reads one state: no copy of it)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
 
 
 def _parts(payloads: list) -> list[tuple[memoryview, Layout]]:
