@@ -155,7 +155,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             resolve_model(args.model), swarm=args.swarm, key=key, name=name, host=args.host,
             port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
-            reprofile=args.reprofile, failover=not args.no_failover,
+            reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
@@ -174,9 +174,9 @@ def cmd_join(args: argparse.Namespace) -> int:
     node = join.start_node(
         coordinator=args.coordinator, swarm=args.swarm, key=key, name=name, host=args.host,
         port=args.port or 0, max_memory=max_memory, pin=pin, threads=args.threads, mdns_interface=args.mdns_interface,
-        reprofile=args.reprofile,
+        reprofile=args.reprofile, step_port=args.step_port,
     )
-    print(f"node {name} serving on port {node.port}; looking for the coordinator of swarm {args.swarm!r}"
+    print(f"node {name} serving on port {node.port} (steps on {node.step_port}); looking for the coordinator of swarm {args.swarm!r}"
           + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)
     sys.stderr.flush()
     leave_at = time.monotonic() + leave_after_s if leave_after_s else None
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--swarm", default="default", help="the swarm's name on mDNS (default: default)")
     join.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     join.add_argument("--port", type=int, default=None, help="port (coordinator default 7700; nodes: any free port)")
+    join.add_argument("--step-port", type=int, default=None,
+                      help="port for pipeline steps from other nodes (default: --port + 1, or any free port "
+                           "when --port is not fixed)")
     join.add_argument("--name", default=None, help="this node's name (default: the host name)")
     join.add_argument("--max-memory", default=None, help="the most memory this node gives the swarm, e.g. 4GB")
     join.add_argument("--layers", default=None, help="pin this node's layers by hand, START:END (e.g. 0:6)")

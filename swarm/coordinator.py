@@ -82,6 +82,7 @@ class Member:
     reason: str = ""  # the planner's word on this node
     extra: list[LayerRange] = field(default_factory=list)  # ranges taken over from failed nodes
     files: set[str] = field(default_factory=set)  # shard ids this node was given (it keeps them cached)
+    steps: str = ""  # HOST:PORT of its step stream
 
     def hosted(self) -> list[LayerRange]:
         return ([self.layers] if self.layers is not None else []) + self.extra
@@ -105,6 +106,7 @@ class RouteHop:
     address: str
     layers: LayerRange
     is_self: bool
+    steps: str = ""  # where the hop takes pipeline steps (its step stream)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,7 @@ class Coordinator:
         default_max_tokens: int = 256,
         reprofile: bool = False,
         failover: bool = True,
+        step_address: str = "",
     ):
         self.model_path = Path(model_path)
         self.swarm, self.key = swarm, key
@@ -207,7 +210,7 @@ class Coordinator:
         self.local = NodeService(key, fetcher=lambda: self.fetch_chunks, threads=threads, progress=False)
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
-        me = Member("n0", name, address, resources, pin, is_self=True)
+        me = Member("n0", name, address, resources, pin, is_self=True, steps=step_address)
         self._members: dict[str, Member] = {me.node_id: me}
         self._route: tuple[RouteHop, ...] | None = None
         self._state, self._detail = "planning", "planning placement"
@@ -250,8 +253,12 @@ class Coordinator:
             raise BadInputError("a node name is 1 to 64 characters (--name)")
         if not 0 < request.port < 65536:
             raise BadInputError(f"port {request.port} is not a TCP port")
+        if not 0 < request.step_port < 65536:
+            raise BadInputError(f"step port {request.step_port} is not a TCP port (a node older than this coordinator "
+                                "sends none: upgrade it)")
         host = request.host or peer_host
         address = wire.check_address(f"{host}:{request.port}")
+        step_address = wire.check_address(f"{host}:{request.step_port}")
         pin = wire.layer_range(request.pin) if request.has_pin else None
         if pin is not None:
             pin.check_within(self.n_layer)
@@ -278,7 +285,7 @@ class Coordinator:
                         f"layers {pin} overlap {m.pin}, already pinned to node {m.name} ({m.address}); "
                         "pin a range that no other node holds"
                     )
-            member = Member(f"n{next(self._ids)}", name, address, request.resources, pin)
+            member = Member(f"n{next(self._ids)}", name, address, request.resources, pin, steps=step_address)
             wait = failover.backoff_s(self._losses.get(address, []), time.monotonic())
             if wait:  # it keeps dropping out: plan without it for a while, longer each time
                 member.excluded_until = time.monotonic() + wait
@@ -354,7 +361,7 @@ class Coordinator:
 
     def _on_member_gone(self, m: Member, why: str, detection: str = "") -> None:
         """Call with the lock held, after removing `m` from the members."""
-        self._forget_stub(m.address)
+        self._forget_stub(m.address, m.steps)
         log.log(logging.INFO if why in ("left", "restarted") else logging.WARNING, "node %s (%s) %s%s", m.name,
                 m.address, why, f"; it held layers {', '.join(map(str, m.hosted()))}" if m.hosted() else "")
         if why != "left":
@@ -575,7 +582,8 @@ class Coordinator:
                 self._dirty = True
             raise NotReadyError("some nodes could not load their shards; re-planning without them: " + "; ".join(failed))
         route = tuple(
-            RouteHop(a.node_id, by_id[a.node_id].address, a.layers, by_id[a.node_id].is_self) for a in plan.assignments
+            RouteHop(a.node_id, by_id[a.node_id].address, a.layers, by_id[a.node_id].is_self, by_id[a.node_id].steps)
+            for a in plan.assignments
         )
         prediction = self._measure_route(route, plan, members)
         with self._cond:
@@ -623,7 +631,9 @@ class Coordinator:
             raise BadInputError(f"no shard {request.shard_id[:16]!r} here; it is not part of the current plan")
         return iter_chunks(path, int(request.offset), corrupt_chunks=faults)
 
-    def _forget_stub(self, address: str) -> None:
+    def _forget_stub(self, address: str, steps: str = "") -> None:
+        if steps:
+            self.local.links.forget(steps)
         entry = self._stubs.pop(address, None)
         if entry is not None:
             entry[1].close()
@@ -813,7 +823,7 @@ class Coordinator:
         keep = [session.kept_from(route[i + 1].layers)
                 if i + 1 < len(route) and self.failover_enabled and not route[i + 1].is_self else _KEEP_NOTHING
                 for i in range(len(route))]
-        hops = [pb.Hop(address=h.address, layers=_span(h.layers), checkpoint=f, keep_from=k)
+        hops = [pb.Hop(address=h.address, layers=_span(h.layers), checkpoint=f, keep_from=k, step_address=h.steps)
                 for h, f, k in zip(route[1:], flags[1:], keep[1:])]
         return pb.ForwardRequest(
             session_id=sid, start=start, n_positions=len(tokens), tokens=tokens, layers=_span(route[0].layers),
@@ -829,11 +839,14 @@ class Coordinator:
                 return self.local.forward(request)
             except grpc.RpcError as e:  # the local node's call onward failed
                 raise wire.from_rpc(e, "the next node") from None
-        future = self._stub(first.address).Forward.future(request, timeout=FORWARD_TIMEOUT_S)
-        with self._cond:
-            session.inflight = future
         try:
-            return future.result()
+            call = self.local.links.call(first.steps, request, timeout=FORWARD_TIMEOUT_S)
+        except grpc.RpcError as e:
+            raise wire.from_rpc(e, f"node at {first.address} (layers {first.layers})") from None
+        with self._cond:
+            session.inflight = call
+        try:
+            return call.result()
         except grpc.FutureCancelledError:
             raise PeerError(f"step stopped: {session.interrupted or 'cancelled'}") from None
         except grpc.RpcError as e:
@@ -1022,7 +1035,7 @@ class Coordinator:
                 m.files.add(spec.shard_id)
                 m.state = "ready"
             log.info("node %s takes layers %s over from %s", m.name, layers, gone.name)
-            return RouteHop(m.node_id, m.address, layers, m.is_self)
+            return RouteHop(m.node_id, m.address, layers, m.is_self, m.steps)
 
     def _patched(self, route: tuple[RouteHop, ...] | None) -> tuple[RouteHop, ...] | None:
         """`route` with every lost or leaving hop replaced by its successor. Lock held."""
@@ -1167,7 +1180,7 @@ class Coordinator:
             )
             for m in self._members.values():
                 ns = reply.nodes.add(
-                    node_id=m.node_id, name=m.name, address=m.address, resources=m.resources,
+                    node_id=m.node_id, name=m.name, address=m.address, step_address=m.steps, resources=m.resources,
                     has_layers=m.layers is not None, pinned=m.pin is not None, state=m.state,
                     last_seen_s=0.0 if m.is_self else now - m.last_seen, is_coordinator=m.is_self, detail=m.detail,
                 )

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from . import __version__, discovery, profiling, wire
+from . import __version__, discovery, profiling, steps, wire
 from .cache import key_file
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
@@ -100,6 +100,15 @@ def _start_server(host: str, port: int, key: str) -> tuple[grpc.Server, int]:
     return server, bound
 
 
+def _step_server(host: str, port: int, step_port: int | None, key: str) -> steps.StepServer:
+    """The step stream's listener: on --step-port, else on the port after a fixed --port, else any free one."""
+    if step_port is None:
+        step_port = port + 1 if 0 < port < 65535 else 0
+    if not 0 <= step_port < 65536:
+        raise BadInputError(f"--step-port {step_port} is not a TCP port (0 to 65535; 0: any free port)")
+    return steps.StepServer(host, step_port, key)
+
+
 def _reachable_host(host: str) -> str:
     """The address peers should dial for a server bound to `host`."""
     if host in ("", "0.0.0.0", "::"):
@@ -142,17 +151,24 @@ def start_coordinator(
     model_path: Path, *, swarm: str = "default", key: str | None = None, name: str | None = None,
     host: str = "0.0.0.0", port: int = DEFAULT_PORT, max_memory: int = 0, pin: LayerRange | None = None,
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
-    reprofile: bool = False, failover: bool = True,
+    reprofile: bool = False, failover: bool = True, step_port: int | None = None,
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS."""
     key = key or wire.new_key()
     server, bound = _start_server(host, port, key)
     address = f"{_reachable_host(host)}:{bound}"
+    try:
+        step_server = _step_server(host, bound if port else 0, step_port, key)
+    except BaseException:
+        server.stop(0)
+        raise
     coordinator = Coordinator(
         model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
         resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
         max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
+        step_address=f"{_reachable_host(host)}:{step_server.port}",
     )
+    coordinator.local.serve_steps(step_server)
     pbg.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
     pbg.add_NodeServicer_to_server(coordinator.local, server)
     server.start()
@@ -172,7 +188,7 @@ class RunningNode:
     def __init__(
         self, *, coordinator: str | None, swarm: str, key: str, name: str, host: str, port: int,
         max_memory: int, pin: LayerRange | None, threads: int | None, mdns_interface: str | None,
-        reprofile: bool = False,
+        reprofile: bool = False, step_port: int | None = None,
     ):
         self.swarm, self.key, self.name = swarm, key, name
         self.pin, self.max_memory, self.threads = pin, max_memory, threads
@@ -185,6 +201,13 @@ class RunningNode:
                                    checkpoint_sink=self._store_checkpoint)
         self.heartbeat_s = 1.0  # until the coordinator says
         self.server, self.port = _start_server(host, port, key)
+        try:
+            step_server = _step_server(host, port, step_port, key)
+        except BaseException:
+            self.server.stop(0)
+            raise
+        self.step_port = step_server.port
+        self.service.serve_steps(step_server)
         self.host = "" if host in ("", "0.0.0.0", "::") else _reachable_host(host)
         pbg.add_NodeServicer_to_server(self.service, self.server)
         self.server.start()
@@ -221,7 +244,7 @@ class RunningNode:
 
     def _join(self) -> None:
         request = pb.JoinRequest(
-            name=self.name, host=self.host, port=self.port,
+            name=self.name, host=self.host, port=self.port, step_port=self.step_port,
             resources=resources(self.max_memory, self.threads, with_devices=True),
             has_pin=self.pin is not None, version=__version__,
         )

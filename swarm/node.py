@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import grpc
 
-from . import cache, wire
+from . import cache, steps, wire
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
 from .engine import KVBase, Shard
@@ -108,7 +108,9 @@ class NodeService(pbg.NodeServicer):
         self._shards: dict[LayerRange, LoadedShard] = {}
         self._assign_lock = threading.Lock()
         self._last_used: dict[str, float] = {}
-        self._inflight: dict[tuple[str, LayerRange], grpc.Future] = {}  # steps waiting on the next hop
+        self._inflight: dict[tuple[str, LayerRange], steps.StepCall] = {}  # steps waiting on the next hop
+        self.links = steps.StepLinks(key)  # step connections to the next hops
+        self._step_server: steps.StepServer | None = None
         self._channels: dict[str, tuple[pbg.NodeStub, grpc.Channel]] = {}
         self._channels_lock = threading.Lock()
         self._sink = checkpoint_sink
@@ -321,6 +323,10 @@ class NodeService(pbg.NodeServicer):
             )
         if len(request.tokens) != n:
             raise BadInputError(f"the step carries {len(request.tokens)} token ids for {n} positions")
+        if request.next:
+            if not request.next[0].step_address:
+                raise BadInputError("the route's next hop has no step address (Hop.step_address, HOST:PORT)")
+            wire.check_address(request.next[0].step_address)
         if shard.role.takes_tokens:
             if request.hidden:
                 raise BadInputError("a first shard takes token ids, not hidden states")
@@ -374,14 +380,16 @@ class NodeService(pbg.NodeServicer):
             self._undo(entry, sid, start, step)
             raise PeerError("the step was cancelled by the previous hop")
         try:
-            future = self._stub(hop.address).Forward.future(onward, timeout=FORWARD_TIMEOUT_S)
-            self._inflight[(sid, shard.layers)] = future
-            # The caller gave up (a node further on hung): stop waiting too, even if it already has.
-            if context is not None and not context.add_callback(future.cancel):
-                future.cancel()
+            call = self.links.call(hop.step_address, onward, timeout=FORWARD_TIMEOUT_S)
+            self._inflight[(sid, shard.layers)] = call
+            # The caller gave up (a node further on hung): stop waiting too. A step that came over the
+            # step stream is watched while waiting; one that came as a gRPC call says so by callback.
+            watch = context if isinstance(context, steps.StepContext) else None
+            if context is not None and watch is None and not context.add_callback(call.cancel):
+                call.cancel()
             if request.checkpoint:  # while the next hops compute
                 self._checkpoint(entry, sid)
-            reply = future.result()
+            reply = call.result(watch)
         except (grpc.RpcError, grpc.FutureCancelledError) as e:
             self._undo(entry, sid, start, step)  # keep this shard in step with the ones after it
             if isinstance(e, grpc.FutureCancelledError) or e.code() == grpc.StatusCode.CANCELLED:
@@ -583,7 +591,15 @@ class NodeService(pbg.NodeServicer):
                 entry = self._channels[address] = (pbg.NodeStub(ch), ch)
             return entry[0]
 
+    def serve_steps(self, server: steps.StepServer) -> None:
+        """Take pipeline steps from other nodes over the step stream too (not only as gRPC Forward calls)."""
+        self._step_server = server
+        server.start(self.forward)
+
     def close(self) -> None:
+        if self._step_server is not None:
+            self._step_server.close()
+        self.links.close()
         if self._pusher is not None:
             with contextlib.suppress(queue.Full):
                 self._outbox.put_nowait(None)

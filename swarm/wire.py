@@ -183,12 +183,17 @@ def served_stream(method: Callable) -> Callable:
 
 def _abort(context, e: Exception, name: str) -> None:
     """End a call with the status `e` stands for; raises, as context.abort does."""
+    context.abort(*status_for(e, name))
+
+
+def status_for(e: Exception, name: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed call answers with; logs the unexpected ones (bugs)."""
     if isinstance(e, SwarmError):
-        context.abort(code_for(e), str(e))
+        return code_for(e), str(e)
     if isinstance(e, grpc.RpcError):  # a downstream call failed: pass its status on
-        context.abort(e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE, _details(e))
+        return (e.code() if hasattr(e, "code") else grpc.StatusCode.UNAVAILABLE), _details(e)
     log.exception("%s failed", name)  # a bug; the node keeps serving
-    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
 
 
 def _details(e: grpc.RpcError) -> str:

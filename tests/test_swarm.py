@@ -8,6 +8,8 @@ by mDNS serves the discovery test.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ import pytest
 
 from conftest import N_TOKENS, PROMPTS
 from procs import Proc, Swarm, free_port
-from swarm import wire
+from swarm import steps, wire
 from swarm._proto import swarm_pb2 as pb
 from swarm._proto import swarm_pb2_grpc as pbg
 from swarm.client import SwarmClient
@@ -101,6 +103,10 @@ def test_status_json_shows_the_layer_map(three):
     assert spans == [(0, 6), (6, 12), (12, 18)]
     assert all(n["state"] == "ready" for n in status["nodes"])
     assert sum(n["is_coordinator"] for n in status["nodes"]) == 1
+    # Every node names its step stream; the coordinator's, with a fixed --port, is on the port after it.
+    assert all(n["step_address"] for n in status["nodes"])
+    (me,) = [n for n in status["nodes"] if n["is_coordinator"]]
+    assert int(me["step_address"].rsplit(":", 1)[1]) == int(three.address.rsplit(":", 1)[1]) + 1
     human = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--coordinator", three.address, "--key", KEY],
                            capture_output=True, text=True, timeout=60)
     assert human.returncode == 0 and "12:18" in human.stdout and "ready" in human.stdout
@@ -272,6 +278,36 @@ def test_malformed_requests_get_invalid_argument_and_the_node_keeps_serving(thre
         assert c.complete(PROMPTS[1], max_tokens=N_TOKENS).tokens == expected
 
 
+def test_step_stream_refuses_bad_keys_and_malformed_steps_and_the_node_keeps_serving(three, reference):
+    node = _node(three, "6:12")
+    address = node["step_address"]
+    assert address and address != node["address"]
+    span = pb.LayerSpan(start=6, end=12)
+    row = np.zeros((1, 640), np.float32).tobytes()
+    with pytest.raises(steps.StepError) as e:
+        steps.StepLinks("not-the-key").call(address, pb.ForwardRequest(session_id="x"), timeout=10).result()
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "wrong swarm key" in e.value.details()
+    links = steps.StepLinks(KEY)
+    for request, text in (
+        (pb.ForwardRequest(session_id="no-such", start=0, n_positions=1, tokens=[1], hidden=row, layers=span),
+         "unknown session"),
+        (pb.ForwardRequest(session_id="x", start=0, n_positions=1, tokens=[1], hidden=row[:-4], layers=span),
+         "hidden-state size"),
+        (pb.ForwardRequest(session_id="x", start=0, n_positions=1, tokens=[1], hidden=row, layers=span,
+                           next=[pb.Hop(address="127.0.0.1:1", layers=pb.LayerSpan(start=12, end=18))]),
+         "no step address"),
+    ):
+        with pytest.raises(steps.StepError) as e:
+            links.call(address, request, timeout=10).result()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in e.value.details()
+    with socket.create_connection(steps.split_address(address), timeout=10) as c:
+        c.sendall(struct.pack("<8sH", steps.MAGIC, len(KEY)) + KEY.encode() + struct.pack("<IB", 1 << 30, 1))
+        assert b"over the limit" in c.recv(4096)
+    links.close()
+    _, expected, _ = reference.run(PROMPTS[0])
+    assert three.client.complete(PROMPTS[0], max_tokens=N_TOKENS).tokens == expected
+
+
 def test_mdns_discovery_without_coordinator_address(tmp_path, model_path, reference):
     name = f"t-{uuid.uuid4().hex[:8]}"
     swarm = Swarm(tmp_path, model_path, ["--layers", "0:9", "--swarm", name, "--max-sessions", "1"], [[]],
@@ -299,8 +335,6 @@ def test_local_swarm_command_chats_through_three_processes(tmp_path):
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -308,7 +342,11 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         done = subprocess.run([sys.executable, "-m", "swarm.cli", "join", "--coordinator", f"127.0.0.1:{free_port()}",
                                "--key", "k", "--host", "127.0.0.1", "--port", str(port), "--mdns-interface", "off"],
                               capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "--port" in done.stderr
+        assert done.returncode == 2 and "--port" in done.stderr
+        done = subprocess.run([sys.executable, "-m", "swarm.cli", "join", "--coordinator", f"127.0.0.1:{free_port()}",
+                               "--key", "k", "--host", "127.0.0.1", "--step-port", str(port), "--mdns-interface", "off"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "--step-port" in done.stderr
 
 
 def test_a_client_that_stops_reading_frees_its_session(three, reference):

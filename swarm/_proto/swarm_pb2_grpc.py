@@ -464,7 +464,9 @@ class NodeServicer:
 
     def Forward(self, request, context):
         """One pipeline step: run this node's layers, pass the hidden states on to the next hop, and (on the
-        final shard) sample. The reply travels back along the route.
+        final shard) sample. The reply travels back along the route. Steps of a generation travel between
+        nodes over the step stream instead (the same messages on a plain TCP connection, see
+        docs/protocol.md); this call serves replays and any client that steps a node by hand.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

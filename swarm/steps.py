@@ -1,0 +1,383 @@
+"""The step stream: pipeline steps between peers over TCP connections kept open.
+
+Everything else in the swarm is gRPC. A pipeline step is the one exchange made once per generated token
+on every hop of the route, and in Python gRPC a unary call wakes four to six threads on its way (the
+server's poller, a handler thread, the poller again for the message, the client's channel thread...);
+on a machine whose cores are busy computing, each wake-up costs a scheduling delay. Here the thread that
+serves a connection sleeps in the kernel until the request arrives, and the caller's thread sleeps in
+the kernel until the reply does: one wake-up on each side. The messages are the protocol's own
+`ForwardRequest` and `ForwardReply`; errors carry gRPC status codes, so callers handle both paths alike
+(`StepError` is a `grpc.RpcError`).
+
+A connection opens with a hello, then carries one step at a time, each answered before the next:
+
+    hello:  b"SWSTEP1\\0", u16 key length, the swarm key (UTF-8)
+    frame:  u32 payload length, u8 kind, payload     (little-endian)
+            kind 1: ForwardRequest    (caller -> node)
+            kind 2: ForwardReply      (node -> caller)
+            kind 3: error             (node -> caller): u8 gRPC status code, UTF-8 message
+
+A caller cancels a step by closing its connection; the node notices while it waits on the next hop,
+closes that connection too, and rolls its step back. A wrong key, a frame over `wire.MAX_MESSAGE`, or
+an unknown kind gets an error frame and the connection closed; a request that does not parse gets an
+error frame and the connection stays usable. The node keeps serving every other connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from typing import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from . import wire
+from ._proto import swarm_pb2 as pb
+from .errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SWSTEP1\0"
+REQUEST, REPLY, ERROR = 1, 2, 3
+_HEAD = struct.Struct("<IB")
+_HELLO = struct.Struct("<8sH")
+_MAX_KEY = 1024
+HELLO_TIMEOUT_S = 10.0  # an unauthenticated connection may not hold a thread longer
+MAX_CONNECTIONS = 256
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class StepError(grpc.RpcError):
+    """A step that failed on the far side or on the way, as a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = wire.check_address(address).rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if not k:
+            raise EOFError("the connection closed")
+        got += k
+    return bytes(buf)
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return _HEAD.pack(len(payload), kind) + payload
+
+
+def _error_frame(code: grpc.StatusCode, details: str) -> bytes:
+    return _frame(ERROR, bytes([code.value[0]]) + details.encode("utf-8", "replace"))
+
+
+def _read_frame(conn: socket.socket) -> tuple[int, int]:
+    """The next frame's kind and length; the payload is still to be read."""
+    n, kind = _HEAD.unpack(_recv_exact(conn, _HEAD.size))
+    return kind, n
+
+
+def _parse_error(payload: bytes) -> StepError:
+    code = _CODES.get(payload[0], grpc.StatusCode.UNKNOWN) if payload else grpc.StatusCode.UNKNOWN
+    return StepError(code, payload[1:].decode("utf-8", "replace"))
+
+
+# ---------------------------------------------------------------- serving
+
+
+class StepContext:
+    """The caller of a step being served: gone once its connection has closed (it cancelled)."""
+
+    def __init__(self, conn: socket.socket):
+        self._conn = conn
+        self._gone = False
+
+    def fileno(self) -> int:
+        return self._conn.fileno()
+
+    def is_active(self) -> bool:
+        if not self._gone:
+            # The caller sends nothing while its step runs: anything readable means it closed.
+            ready, _, _ = select.select([self._conn], [], [], 0)
+            self._gone = bool(ready)
+        return not self._gone
+
+    def add_callback(self, _callback) -> bool:
+        return False  # nothing calls back: a step call watches this connection itself (StepCall.result)
+
+
+class StepServer:
+    """Listens for step connections and serves each one on a thread of its own.
+
+    Bound on construction (so its port can be announced before serving starts); `start` begins
+    serving with `handler(request, context) -> ForwardReply`.
+    """
+
+    def __init__(self, host: str, port: int, key: str):
+        self._key = key.encode()
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        try:
+            self._sock = socket.create_server((host.strip("[]") or "0.0.0.0", port), family=family, backlog=64)
+        except OSError as e:
+            raise BadInputError(
+                f"cannot listen for steps on {host}:{port} ({e.strerror or e}); pick another port with --step-port"
+            ) from None
+        self.port = self._sock.getsockname()[1]
+        self._handler: Callable[[pb.ForwardRequest, StepContext], pb.ForwardReply] | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, handler: Callable[[pb.ForwardRequest, StepContext], pb.ForwardReply]) -> None:
+        self._handler = handler
+        threading.Thread(target=self._accept_loop, name="steps", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.05)  # out of file descriptors, for one: try again shortly
+                continue
+            with self._lock:
+                full = len(self._conns) >= MAX_CONNECTIONS
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                with contextlib.suppress(OSError):
+                    conn.sendall(_error_frame(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                              f"this node serves at most {MAX_CONNECTIONS} step connections"))
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="step", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self._hello(conn):
+                self._steps(conn)
+        except (OSError, EOFError):
+            pass  # the caller went away
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _hello(self, conn: socket.socket) -> bool:
+        conn.settimeout(HELLO_TIMEOUT_S)
+        magic, n = _HELLO.unpack(_recv_exact(conn, _HELLO.size))
+        if magic != MAGIC:
+            conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT,
+                                      "not a step connection: it must open with the step stream's hello"))
+            return False
+        if n > _MAX_KEY:
+            conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT, f"a swarm key is at most {_MAX_KEY} bytes"))
+            return False
+        given = _recv_exact(conn, n)
+        if not hmac.compare_digest(given, self._key):
+            conn.sendall(_error_frame(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this swarm needs its key: pass --key KEY or set SWARM_KEY (the coordinator printed it when it started)"
+                if not n else
+                "wrong swarm key: this peer belongs to a swarm with another key; pass the key its coordinator printed",
+            ))
+            return False
+        conn.settimeout(None)
+        return True
+
+    def _steps(self, conn: socket.socket) -> None:
+        context = StepContext(conn)
+        while not self._closed:
+            kind, n = _read_frame(conn)
+            if kind != REQUEST:
+                conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT,
+                                          f"frame kind {kind} is not a step request (kind {REQUEST})"))
+                return
+            if n > wire.MAX_MESSAGE:
+                conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT,
+                                          f"a step of {n} bytes is over the limit of {wire.MAX_MESSAGE}; send the "
+                                          "prompt in smaller batches"))
+                return
+            payload = _recv_exact(conn, n)
+            try:
+                request = pb.ForwardRequest.FromString(payload)
+            except DecodeError:
+                conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT,
+                                          f"a step request of {n} bytes is not a ForwardRequest message"))
+                continue
+            try:
+                out = _frame(REPLY, self._handler(request, context).SerializeToString())
+            except Exception as e:
+                out = _error_frame(*wire.status_for(e, "step"))
+            if not context.is_active():
+                return  # the caller cancelled: it reads nothing more from this connection
+            conn.sendall(out)
+
+
+# ---------------------------------------------------------------- calling
+
+
+class StepCall:
+    """One step sent on its way: `result()` waits for the reply, `cancel()` stops waiting (any thread)."""
+
+    def __init__(self, links: "StepLinks", address: str, conn: socket.socket, deadline: float):
+        self._links, self._address, self._conn, self._deadline = links, address, conn, deadline
+        self._lock = threading.Lock()
+        self._state = "running"  # then: done, cancelled
+
+    def cancel(self) -> bool:
+        with self._lock:
+            if self._state != "running":
+                return self._state == "cancelled"
+            self._state = "cancelled"
+        with contextlib.suppress(OSError):
+            self._conn.shutdown(socket.SHUT_RDWR)  # wakes the thread waiting in result()
+        return True
+
+    def result(self, watch: StepContext | None = None) -> pb.ForwardReply:
+        """The reply; StepError when the step failed, grpc.FutureCancelledError when cancelled.
+
+        With `watch` (the step this one continues), a caller of that step that goes away cancels this one.
+        """
+        conn = self._conn
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
+        if watch is not None:
+            poller.register(watch.fileno(), select.POLLIN)
+        try:
+            while True:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self._end()
+                    raise StepError(grpc.StatusCode.DEADLINE_EXCEEDED, "no reply to the step in time")
+                events = poller.poll(left * 1e3)
+                if self._state == "cancelled":
+                    break
+                if watch is not None and any(fd == watch.fileno() for fd, _ in events):
+                    self.cancel()  # our own caller gave up
+                    break
+                if events:
+                    conn.settimeout(max(self._deadline - time.monotonic(), 1e-3))  # a reply cut short
+                    kind, n = _read_frame(conn)
+                    if kind not in (REPLY, ERROR) or n > wire.MAX_MESSAGE:
+                        self._end()
+                        raise StepError(grpc.StatusCode.INTERNAL, f"the node answered a step with frame kind {kind}")
+                    payload = _recv_exact(conn, n)
+                    conn.settimeout(None)
+                    with self._lock:
+                        if self._state == "cancelled":
+                            break
+                        self._state = "done"
+                    if kind == ERROR:  # rare: a new connection next time, whatever the node did with this one
+                        conn.close()
+                        raise _parse_error(payload)
+                    self._links._release(self._address, conn)
+                    try:
+                        return pb.ForwardReply.FromString(payload)
+                    except DecodeError:
+                        raise StepError(grpc.StatusCode.INTERNAL, "the node's reply is not a ForwardReply") from None
+        except (OSError, EOFError) as e:
+            cancelled = self._state == "cancelled"
+            self._end()
+            if cancelled:
+                raise grpc.FutureCancelledError() from None
+            raise StepError(grpc.StatusCode.UNAVAILABLE, f"the step connection to {self._address} broke: {e}") from None
+        self._end()
+        raise grpc.FutureCancelledError()
+
+    def _end(self) -> None:
+        with self._lock:
+            if self._state == "running":
+                self._state = "cancelled"
+        self._conn.close()
+
+
+class StepLinks:
+    """Step connections to other nodes, opened on first use and kept for the next step."""
+
+    def __init__(self, key: str):
+        self._hello = _HELLO.pack(MAGIC, len(key.encode())) + key.encode()
+        self._idle: dict[str, list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    def call(self, address: str, request: pb.ForwardRequest, timeout: float) -> StepCall:
+        """Send one step to the node whose step stream listens at `address`."""
+        payload = request.SerializeToString()
+        if len(payload) > wire.MAX_MESSAGE:
+            raise BadInputError(f"a step of {len(payload)} bytes is over the limit of {wire.MAX_MESSAGE}")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            idle = self._idle.get(address)
+            conn = idle.pop() if idle else None
+        head = b""
+        if conn is None:
+            try:
+                conn = socket.create_connection(split_address(address), timeout=min(timeout, 10.0))
+                conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError as e:
+                raise StepError(grpc.StatusCode.UNAVAILABLE,
+                                f"cannot reach the step stream at {address}: {e.strerror or e}") from None
+            head = self._hello
+        try:
+            conn.sendall(head + _frame(REQUEST, payload))
+        except OSError as e:
+            conn.close()
+            raise StepError(grpc.StatusCode.UNAVAILABLE,
+                            f"the step connection to {address} broke: {e.strerror or e}") from None
+        return StepCall(self, address, conn, deadline)
+
+    def _release(self, address: str, conn: socket.socket) -> None:
+        with self._lock:
+            self._idle.setdefault(address, []).append(conn)
+
+    def forget(self, address: str) -> None:
+        """Close the idle connections to a node that left or failed."""
+        with self._lock:
+            conns = self._idle.pop(address, [])
+        for c in conns:
+            c.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
