@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Swarms on localhost against single-process llama-cpp-python: time to first token and decode speed.
 
-A 1-, 2- and 3-node swarm (this process coordinates and hosts the first range; the other ranges run in
-`swarm join` processes, pinned to an even split) and a llama-cpp-python process are all started first,
-then take turns round by round, so machine noise falls on all of them alike. Medians are reported, with
+A 1-, 2- and 3-node swarm (every node a `swarm join` process, as a user starts them: the coordinator with
+the model and the first range, the others pinned to an even split; this script is only the client) and a
+llama-cpp-python process are all started first, then take turns round by round, so machine noise falls
+on all of them alike. Medians are reported, with
 each swarm's per-token time split into compute (llama.cpp, summed over the hops), serialization (hidden
 states to bytes and back), sampling, and network (everything else: gRPC, loopback, scheduling).
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,33 +43,100 @@ print("ready", flush=True)
 for _ in sys.stdin:
     llm.reset()  # no prompt reuse between rounds: every round evaluates the whole prompt
     t0 = time.perf_counter()
-    n = 0
+    n, times = 0, []
     for _ in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
         n += 1
-        if n == 1:
-            t1 = time.perf_counter()
+        times.append(time.perf_counter())
         if n >= n_decode:
             break
-    t2 = time.perf_counter()
-    print(json.dumps({"ttft_ms": 1e3 * (t1 - t0), "decode_tps": (n - 1) / (t2 - t1), "prompt_tokens": len(tokens)}),
-          flush=True)
+    t1, t2 = times[0], times[-1]
+    steps = sorted(b - a for a, b in zip(times, times[1:]))
+    print(json.dumps({"ttft_ms": 1e3 * (t1 - t0), "decode_tps": (n - 1) / (t2 - t1), "prompt_tokens": len(tokens),
+                      "median_step_ms": 1e3 * steps[len(steps) // 2]}), flush=True)
 """
+
+
+def free_port() -> int:
+    """A free port whose next one is free too (the coordinator's step stream takes --port + 1)."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
+class ProcSwarm:
+    """A swarm of `swarm join` processes on 127.0.0.1, pinned to an even split, and a client to it."""
+
+    def __init__(self, model, nodes: int, threads: int, log_dir):
+        from swarm import wire
+        from swarm.client import SwarmClient
+        from swarm.gguf_file import read_gguf
+        from swarm.layers import split_evenly
+        from swarm.slicing import model_layer_count
+
+        ranges = split_evenly(model_layer_count(read_gguf(model)), nodes)
+        port, key = free_port(), wire.new_key()
+        self.address = f"127.0.0.1:{port}"
+        common = ["--host", "127.0.0.1", "--mdns-interface", "off", "--threads", str(threads)]
+        commands = [["--model", str(model), "--port", str(port), "--key", key, "--ctx", "1024", "--max-sessions", "1",
+                     "--swarm", f"bench-{os.getpid()}-{nodes}", "--name", "coordinator", "--layers", str(ranges[0])]]
+        commands += [["--coordinator", self.address, "--key", key, "--name", f"node{i}", "--layers", str(r)]
+                     for i, r in enumerate(ranges[1:], start=1)]
+        self.procs = []
+        for i, args in enumerate(commands):
+            with open(log_dir / f"bench-swarm{nodes}-{i}.log", "wb") as out:
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "swarm.cli", "join", *args, *common],
+                                                   stdout=out, stderr=subprocess.STDOUT))
+        self.client = SwarmClient(self.address, key=key)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                status = self.client.status()
+                if status["state"] == "ready" and len(status["nodes"]) == nodes:
+                    return
+            except Exception:
+                pass  # not listening yet
+            if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
+                self.close()
+                raise SystemExit(f"the {nodes}-node swarm did not start; see {log_dir}")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.client.close()
 
 
 def run_swarm(client, n_decode: int) -> dict:
     t0 = time.perf_counter()
     gen = client.generate(PROMPT, max_tokens=n_decode, timings=True)
     first = None
+    seen = []  # (time, tokens so far) at each text piece
     for _ in gen:
+        seen.append((time.perf_counter(), len(gen.result.tokens)))
         if first is None:
-            first = time.perf_counter()
+            first = seen[0][0]
     r = gen.result
+    # Time between consecutive tokens (pieces that carry exactly one more): the median shows a step without
+    # the stalls a shared machine adds now and then.
+    gaps = sorted(b[0] - a[0] for a, b in zip(seen, seen[1:]) if b[1] - a[1] == 1)
     if len(r.tokens) != n_decode:
         raise SystemExit(f"the swarm stopped after {len(r.tokens)} tokens; the benchmark needs {n_decode}")
     steps = r.timings["steps"]
     return {
         "ttft_ms": 1e3 * (first - t0),
         "decode_tps": r.tokens_per_s,
+        "median_step_ms": 1e3 * gaps[len(gaps) // 2],
         **{k: r.timings.get(k, 0.0) / steps for k in ("compute_ms", "serialization_ms", "network_ms", "sampling_ms")},
     }
 
@@ -80,8 +150,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads everywhere (default: physical cores)")
     args = ap.parse_args()
 
+    from swarm import cache
     from swarm.engine import default_threads
-    from swarm.local import LocalSwarm
     from swarm.models import resolve_model
 
     model = resolve_model(args.model)
@@ -93,7 +163,7 @@ def main() -> int:
     try:
         assert ref.stdout.readline().strip() == "ready"
         for n in sizes:
-            swarms[n] = LocalSwarm(model, nodes=n, threads=threads, ctx=1024, max_sessions=1)
+            swarms[n] = ProcSwarm(model, n, threads, cache.subdir("logs"))
         for s in swarms.values():  # warm-up
             s.client.complete("Hello", max_tokens=4)
         results: dict[str, list[dict]] = {"llama-cpp-python": []} | {f"{n}-node swarm": [] for n in sizes}
@@ -113,14 +183,16 @@ def main() -> int:
     base = med["llama-cpp-python"]
     print(f"model {model.name}, prompt {int(base['prompt_tokens'])} tokens, {args.decode} tokens generated, "
           f"{threads} threads per process, median of {args.rounds} rounds\n")
-    print("| configuration | first token ms | decode tok/s | decode vs llama-cpp-python | per token: compute | "
-          "serialization | sampling | network |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | first token ms | decode tok/s | decode vs llama-cpp-python | median step ms (vs) | "
+          "per token: compute | serialization | sampling | network |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c, m in med.items():
         if c == "llama-cpp-python":
-            print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | 100% | | | | |")
+            print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | 100% | {m['median_step_ms']:.2f} (100%) "
+                  "| | | | |")
             continue
         print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | {m['decode_tps'] / base['decode_tps']:.0%} | "
+              f"{m['median_step_ms']:.2f} ({base['median_step_ms'] / m['median_step_ms']:.0%}) | "
               f"{m['compute_ms']:.2f} ms | {m['serialization_ms']:.2f} ms | {m['sampling_ms']:.2f} ms | "
               f"{m['network_ms']:.2f} ms |")
     return 0

@@ -35,11 +35,9 @@ _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 def devices() -> list[pb.Device]:
     """The devices this build of llama.cpp can use, with their memory (llama.cpp's device API)."""
     try:
-        import llama_cpp
-
         from .engine import _llama
 
-        _llama()  # loads the backends
+        llama_cpp = _llama()  # loads the backends (first: it sets up the OpenMP runtime before loading it)
         libdir = Path(llama_cpp.__file__).parent / "lib"
         found = sorted(libdir.glob("libggml.so")) + sorted(libdir.glob("libggml.dylib")) + sorted(libdir.glob("ggml.dll"))
         if not found:

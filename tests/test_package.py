@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pkgutil
 import subprocess
 import sys
@@ -89,3 +90,31 @@ def test_layer_capture_falls_back_to_python_when_compiling_fails(tmp_path, model
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["python", "4"]
+
+
+# Records GOMP_SPINCOUNT at the moment llama_cpp (and with it libgomp, which reads it once) is imported.
+_SPIN_AT_LOAD = r"""
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "llama_cpp" and not seen:
+            seen.append(os.environ.get("GOMP_SPINCOUNT"))
+        return None
+sys.meta_path.insert(0, Watch())
+from swarm.join import resources
+resources(with_devices=True)  # what every `swarm join` does first
+print(seen)
+"""
+
+
+def test_openmp_spin_is_set_before_llama_cpp_loads():
+    """Every `swarm join` lists its devices first; that must not load llama.cpp before the spin is set.
+
+    (It once did: libgomp then spun ~7 ms after every graph, stealing the cores of the shards that
+    share a machine.)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    done = subprocess.run([sys.executable, "-c", _SPIN_AT_LOAD], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['20000']"
