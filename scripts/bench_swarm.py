@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,19 +55,6 @@ for _ in sys.stdin:
 """
 
 
-def free_port() -> int:
-    """A free port whose next one is free too (the coordinator's step stream takes --port + 1)."""
-    while True:
-        with socket.socket() as s, socket.socket() as t:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            try:
-                t.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-
-
 class ProcSwarm:
     """A swarm of `swarm join` processes on 127.0.0.1, pinned to an even split, and a client to it."""
 
@@ -77,6 +63,7 @@ class ProcSwarm:
         from swarm.client import SwarmClient
         from swarm.gguf_file import read_gguf
         from swarm.layers import split_evenly
+        from swarm.local import free_port
         from swarm.slicing import model_layer_count
 
         ranges = split_evenly(model_layer_count(read_gguf(model)), nodes)
@@ -107,13 +94,9 @@ class ProcSwarm:
             time.sleep(0.3)
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        from swarm.local import stop_processes
+
+        stop_processes(self.procs)
         self.client.close()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,31 @@ from .layers import split_evenly
 from .slicing import model_layer_count
 
 log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port whose next one is free too (a node's step stream takes --port + 1 by default)."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            try:
+                t.bind((host, port + 1))
+            except OSError:
+                continue
+            return port
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """Ask node processes to leave (SIGTERM), then kill the ones still there after `grace_s`."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 class LocalSwarm:
@@ -72,14 +98,7 @@ class LocalSwarm:
             time.sleep(0.2)
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs)
         if getattr(self, "client", None):
             self.client.close()
         self.running.stop()

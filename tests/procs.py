@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from swarm.client import SwarmClient
-
-
-def free_port() -> int:
-    """A free port whose next one is free too (a node's step stream takes --port + 1 by default)."""
-    while True:
-        with socket.socket() as s, socket.socket() as t:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            try:
-                t.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
+from swarm.local import free_port  # noqa: F401 (tests import it from here)
 
 
 class Proc:
