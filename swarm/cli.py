@@ -176,8 +176,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         port=args.port or 0, max_memory=max_memory, pin=pin, threads=args.threads, mdns_interface=args.mdns_interface,
         reprofile=args.reprofile, step_port=args.step_port,
     )
-    print(f"node {name} serving on port {node.port} (steps on {node.step_port}); looking for the coordinator of swarm {args.swarm!r}"
-          + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)
+    print(f"node {name} serving on port {node.port} (steps on {node.step_port}); looking for the coordinator of "
+          f"swarm {args.swarm!r}" + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)
     sys.stderr.flush()
     leave_at = time.monotonic() + leave_after_s if leave_after_s else None
     while not stop.wait(0.5):

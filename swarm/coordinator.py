@@ -582,8 +582,8 @@ class Coordinator:
                 self._dirty = True
             raise NotReadyError("some nodes could not load their shards; re-planning without them: " + "; ".join(failed))
         route = tuple(
-            RouteHop(a.node_id, by_id[a.node_id].address, a.layers, by_id[a.node_id].is_self, by_id[a.node_id].steps)
-            for a in plan.assignments
+            RouteHop(a.node_id, m.address, a.layers, m.is_self, m.steps)
+            for a in plan.assignments for m in (by_id[a.node_id],)
         )
         prediction = self._measure_route(route, plan, members)
         with self._cond:
