@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import PROMPTS
-from procs import Proc, Swarm
+from procs import Proc, Swarm, free_port
 from swarm.client import SwarmClient
 
 N = 128
@@ -293,6 +293,29 @@ def test_a_node_restarted_under_the_same_pin_takes_over_from_its_hung_old_self(s
         time.sleep(0.3)
     assert _span(held["again"]["layers"]) == "6:12" and "node1" not in held
     assert swarm.client.complete(PROMPTS[0], max_tokens=32).tokens == reference.run(PROMPTS[0], N)[1][:32]
+
+
+def test_a_node_restarted_at_its_old_address_serves_again(tmp_path, model_path, reference):
+    """The hop before it still holds a step connection to the old process: that one fails, a new one works."""
+    port = free_port()
+    swarm = _swarm(tmp_path, model_path, nodes=[PINS[0], PINS[1], PINS[2] + ["--port", str(port)]])
+    try:
+        expected = reference.run(PROMPTS[1], N)[1][:32]
+        assert swarm.client.complete(PROMPTS[1], max_tokens=32).tokens == expected  # connections now pooled
+        old = swarm.procs[3]
+        old.p.kill()
+        old.p.wait(10)
+        again = Proc(old.args, tmp_path / "node2-again.log", {"SWARM_CACHE_DIR": str(tmp_path / "node2-cache")})
+        swarm.procs.append(again)
+        deadline = time.monotonic() + 120
+        while "joined swarm" not in again.text() or swarm.client.status()["state"] != "ready":
+            assert again.p.poll() is None and time.monotonic() < deadline, again.text()
+            time.sleep(0.3)
+        (last,) = [n for n in swarm.client.status()["nodes"] if n["has_layers"] and _span(n["layers"]) == "12:18"]
+        assert last["step_address"] == f"127.0.0.1:{port + 1}"
+        assert swarm.client.complete(PROMPTS[1], max_tokens=32).tokens == expected
+    finally:
+        swarm.close()
 
 
 def test_recovery_calls_refuse_bad_input_and_the_swarm_keeps_serving(swarm, reference):
