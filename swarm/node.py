@@ -114,7 +114,9 @@ class NodeService(pbg.NodeServicer):
         self._channels: dict[str, tuple[pbg.NodeStub, grpc.Channel]] = {}
         self._channels_lock = threading.Lock()
         self._sink = checkpoint_sink
-        self._outbox: queue.Queue[tuple[pb.Checkpoint, bytes] | None] = queue.Queue(maxsize=_MAX_PENDING_CHECKPOINTS)
+        # (first message, KV blob, shard entry, session id) of each checkpoint waiting to be pushed
+        self._outbox: queue.Queue[tuple[pb.Checkpoint, bytes, LoadedShard, str] | None] = queue.Queue(
+            maxsize=_MAX_PENDING_CHECKPOINTS)
         self._pusher: threading.Thread | None = None
         self.state = "idle"
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import logging
 import select
 import socket
 import struct
@@ -41,8 +40,6 @@ from google.protobuf.message import DecodeError
 from . import wire
 from ._proto import swarm_pb2 as pb
 from .errors import BadInputError
-
-log = logging.getLogger(__name__)
 
 MAGIC = b"SWSTEP1\0"
 REQUEST, REPLY, ERROR = 1, 2, 3
@@ -123,9 +120,6 @@ class StepContext:
             ready, _, _ = select.select([self._conn], [], [], 0)
             self._gone = bool(ready)
         return not self._gone
-
-    def add_callback(self, _callback) -> bool:
-        return False  # nothing calls back: a step call watches this connection itself (StepCall.result)
 
 
 class StepServer:
@@ -245,8 +239,8 @@ class StepServer:
                 out = _frame(REPLY, self._handler(request, context).SerializeToString())
             except Exception as e:
                 out = _error_frame(*wire.status_for(e, "step"))
-            if not context.is_active():
-                return  # the caller cancelled: it reads nothing more from this connection
+            # A caller that cancelled has closed its end: this reply is never read, and the next read
+            # here ends the connection.
             conn.sendall(out)
 
 
