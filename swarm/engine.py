@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import secrets
 import struct
 import threading
@@ -51,9 +52,10 @@ def _llama():
         # llama.cpp's CPU backend runs each graph in an OpenMP team whose idle threads spin for a long
         # while (libgomp's default) before sleeping. Shards of a swarm that share a machine take turns,
         # and a finished shard's spinning threads slowed the next shard's step by 20-60%. A short spin
-        # keeps the wake-up fast within one process. Read by libgomp when llama_cpp loads it, so only
-        # effective if llama_cpp was not imported before; a user's own setting wins.
-        os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+        # still lets the team meet at a graph's barriers without sleeping. 5,000 measured best of
+        # 300-20,000 for three shards on two cores (docs/benchmarks.md). Read by libgomp when llama_cpp
+        # loads it, so only effective if llama_cpp was not imported before; a user's own setting wins.
+        os.environ.setdefault("GOMP_SPINCOUNT", "5000")
         import llama_cpp
 
         @llama_cpp.llama_log_callback
@@ -73,6 +75,53 @@ def _llama():
         base.ggml_backend_tensor_get.restype = None
         _lib_state.update(llama=llama_cpp, ggml=base, on_log=_on_log)
         return llama_cpp
+
+
+class _ComputeThread:
+    """The one thread of this process that runs llama.cpp graphs.
+
+    Each thread that starts a graph becomes the master of an OpenMP team of its own, and libgomp keeps
+    those teams. Once a process holds more OpenMP threads than the machine has CPUs, libgomp cuts its
+    spin at every barrier to almost nothing: a coordinator whose sessions ran on whichever gRPC thread
+    served them slept and woke its threads ~75 times per graph. Graphs are therefore run here, by one
+    thread, whatever thread asks for them.
+    """
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def run(self, fn: Callable, *args):
+        """fn(*args) on the compute thread; its result, or its exception raised here."""
+        thread = self._thread
+        if thread is threading.current_thread():
+            return fn(*args)
+        if thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="llama-compute", daemon=True)
+                    self._thread.start()
+        done = threading.Lock()
+        done.acquire()
+        box: list = [None, None]
+        self._jobs.put((fn, args, done, box))
+        done.acquire()
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, done, box = self._jobs.get()
+            try:
+                box[0] = fn(*args)
+            except BaseException as e:  # handed to the caller
+                box[1] = e
+            done.release()
+
+
+_compute = _ComputeThread()
 
 
 def _ggml():
@@ -386,7 +435,7 @@ class Shard:
             if self._capture is not None:
                 self._capture.arm(n)
             self._batch.n_tokens = n
-            rc = self._llama.llama_decode(self._ctx, self._batch)
+            rc = _compute.run(self._llama.llama_decode, self._ctx, self._batch)
             if rc != 0:
                 # Roll back whatever the failed batch may have written.
                 self._llama.llama_memory_seq_rm(self._mem, s.seq, start, -1)
