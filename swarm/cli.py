@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import logging
+import shlex
 import sys
 import time
 
@@ -160,9 +161,10 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
         print("on each other machine, run:", file=sys.stderr)
-        print(f"  swarm join --coordinator {running.address} --key {running.key}", file=sys.stderr)
+        key_arg = f"--key={shlex.quote(running.key)}"  # also right for a key of the user's that starts with "-"
+        print(f"  swarm join --coordinator {running.address} {key_arg}", file=sys.stderr)
         if running.advertiser is not None:
-            print(f"  (or on this network: swarm join --swarm {args.swarm} --key {running.key})", file=sys.stderr)
+            print(f"  (or on this network: swarm join --swarm {shlex.quote(args.swarm)} {key_arg})", file=sys.stderr)
         print("and chat with `swarm chat` here; Ctrl-C stops the swarm", file=sys.stderr)
         sys.stderr.flush()
         stop.wait()

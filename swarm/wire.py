@@ -65,8 +65,11 @@ MAX_KV_STATE = 64 << 30
 
 
 def new_key() -> str:
-    """A fresh random swarm key."""
-    return secrets.token_urlsafe(18)
+    """A fresh random swarm key (never one that starts with "-", which a command line takes for an option)."""
+    while True:
+        key = secrets.token_urlsafe(18)
+        if not key.startswith("-"):
+            return key
 
 
 def check_address(address: str) -> str:

@@ -82,3 +82,16 @@ def test_min_p_and_top_p_cut_the_tail():
 def test_impossible_sampling_options_are_refused(kwargs):
     with pytest.raises(BadInputError):
         SamplingParams(**kwargs)
+
+
+def test_new_keys_can_be_typed_after_key_and_the_printed_form_parses():
+    """A key that starts with "-" is taken for an option (`--key -x`: "expected one argument"); one in 64
+    random keys did, and so did the `swarm join` command the coordinator printed for it."""
+    from swarm import wire
+    from swarm.cli import build_parser
+
+    keys = [wire.new_key() for _ in range(3000)]
+    assert not [k for k in keys if k.startswith("-")]
+    assert len(set(keys)) == len(keys) and min(map(len, keys)) >= 24
+    args = build_parser().parse_args(["join", "--coordinator", "10.0.0.2:7700", "--key=-5hX_a"])
+    assert args.key == "-5hX_a"
