@@ -10,6 +10,7 @@ states to bytes and back), sampling, and network (everything else: gRPC, loopbac
 
     python scripts/bench_swarm.py                  # default model, 5 rounds, 128 decode tokens
     python scripts/bench_swarm.py --rounds 9 --nodes 2,3
+    git worktree add /tmp/old REV && python scripts/bench_swarm.py --baseline /tmp/old   # this code against REV
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ for _ in sys.stdin:
 class ProcSwarm:
     """A swarm of `swarm join` processes on 127.0.0.1, pinned to an even split, and a client to it."""
 
-    def __init__(self, model, nodes: int, threads: int, log_dir):
+    def __init__(self, model, nodes: int, threads: int, log_dir, code: str | None = None):
         from swarm import wire
         from swarm.client import SwarmClient
         from swarm.gguf_file import read_gguf
@@ -74,11 +75,13 @@ class ProcSwarm:
                      "--swarm", f"bench-{os.getpid()}-{nodes}", "--name", "coordinator", "--layers", str(ranges[0])]]
         commands += [["--coordinator", self.address, "--key", key, "--name", f"node{i}", "--layers", str(r)]
                      for i, r in enumerate(ranges[1:], start=1)]
+        # `code`: a checkout of another version; its nodes run that code (the client is this one).
+        env = None if code is None else {**os.environ, "PYTHONPATH": code}
         self.procs = []
         for i, args in enumerate(commands):
-            with open(log_dir / f"bench-swarm{nodes}-{i}.log", "wb") as out:
+            with open(log_dir / f"bench-swarm{nodes}{'-baseline' if code else ''}-{i}.log", "wb") as out:
                 self.procs.append(subprocess.Popen([sys.executable, "-m", "swarm.cli", "join", *args, *common],
-                                                   stdout=out, stderr=subprocess.STDOUT))
+                                                   stdout=out, stderr=subprocess.STDOUT, env=env, cwd=code))
         self.client = SwarmClient(self.address, key=key)
         deadline = time.monotonic() + 600
         while True:
@@ -131,6 +134,8 @@ def main() -> int:
     ap.add_argument("--nodes", default="1,2,3", help="swarm sizes to measure (default 1,2,3)")
     ap.add_argument("--decode", type=int, default=128, help="tokens generated per round")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads everywhere (default: physical cores)")
+    ap.add_argument("--baseline", metavar="DIR", help="also run the swarms with the code of this checkout, in turn with "
+                    "the others (e.g. a `git worktree` of an older commit)")
     args = ap.parse_args()
 
     from swarm import cache
@@ -146,16 +151,22 @@ def main() -> int:
     try:
         assert ref.stdout.readline().strip() == "ready"
         for n in sizes:
-            swarms[n] = ProcSwarm(model, n, threads, cache.subdir("logs"))
+            swarms[f"{n}-node swarm"] = ProcSwarm(model, n, threads, cache.subdir("logs"))
+        if args.baseline:
+            rev = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip() or args.baseline
+            for n in sizes:
+                swarms[f"{n}-node swarm ({rev})"] = ProcSwarm(model, n, threads, cache.subdir("logs"),
+                                                              code=os.path.abspath(args.baseline))
         for s in swarms.values():  # warm-up
             s.client.complete("Hello", max_tokens=4)
-        results: dict[str, list[dict]] = {"llama-cpp-python": []} | {f"{n}-node swarm": [] for n in sizes}
+        results: dict[str, list[dict]] = {"llama-cpp-python": []} | {name: [] for name in swarms}
         for r in range(args.rounds):
             ref.stdin.write("go\n")
             ref.stdin.flush()
             results["llama-cpp-python"].append(json.loads(ref.stdout.readline()))
-            for n, s in swarms.items():
-                results[f"{n}-node swarm"].append(run_swarm(s.client, args.decode))
+            for name, s in swarms.items():
+                results[name].append(run_swarm(s.client, args.decode))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for s in swarms.values():

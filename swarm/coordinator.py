@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -750,16 +751,16 @@ class Coordinator:
             text = stream.feed(self.tokenizer.piece(token))
             last = time.perf_counter()
             first = first or last
-            yield pb.GenerateEvent(piece=pb.GenerateEvent.Piece(text=text, tokens=[token]))
-            if stream.stopped:
-                finish = "stop"
+            event = pb.GenerateEvent(piece=pb.GenerateEvent.Piece(text=text, tokens=[token]))
+            if stream.stopped or session.generated >= budget or not is_active():
+                finish = "stop" if stream.stopped else "length" if session.generated >= budget else "cancelled"
+                yield event
                 break
-            if session.generated >= budget:
-                break
-            if not is_active():
-                finish = "cancelled"
-                break
-            reply = self._advance(sid, session, [token], session.positions, sample=True)
+            if len(session.route) == 1 and session.route[0].is_self:  # nothing runs elsewhere meanwhile
+                yield event
+                reply = self._advance(sid, session, [token], session.positions, sample=True)
+            else:  # the next step goes first: the client's stream sends this piece while other nodes compute
+                reply = yield from self._advance_sending(sid, session, [token], session.positions, True, event)
             if want_timings:
                 _add_timings(totals, reply, time.perf_counter() - last)
         tail = stream.flush()
@@ -782,29 +783,61 @@ class Coordinator:
 
     def _advance(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool) -> pb.ForwardReply:
         """Run one step of a session; when a node fails, carry the session over to a successor and retry."""
+        steps = self._advance_sending(sid, session, tokens, start, sample, None)
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("a step without an event to send yielded")
+
+    def _advance_sending(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool,
+                         event: pb.GenerateEvent | None):
+        """`_advance` as a generator that also yields `event` once, while the step is on its way through the
+        remote hops (the client's stream sends it meanwhile), or before a recovery or an error; returns the
+        step's reply."""
         recovered: list[tuple[list[Recovery], str, int, float]] = []
         failed, attempts = "", 0
-        while True:
-            try:
-                if failed:
-                    recovered.append(self._recover(sid, session, start, failed))
-                    failed = ""
-                if self._leaving:
-                    self._migrate(sid, session)
-                if not tokens:  # the session's start: open it on every hop
-                    for hop in session.route:
-                        self._open(sid, session, hop, history=())
-                    reply = pb.ForwardReply()
+        try:
+            while True:
+                try:
+                    if failed:
+                        recovered.append(self._recover(sid, session, start, failed))
+                        failed = ""
+                    if self._leaving:
+                        self._migrate(sid, session)
+                    if not tokens:  # the session's start: open it on every hop
+                        for hop in session.route:
+                            self._open(sid, session, hop, history=())
+                        reply = pb.ForwardReply()
+                        break
+                    pending = self._start_forward(sid, session, tokens, start, sample)
+                    if event is not None:
+                        try:
+                            yield event
+                        except GeneratorExit:  # the client went away while the step ran: stop it
+                            pending.cancel()
+                            with contextlib.suppress(Exception):
+                                pending.result()
+                            raise
+                        event = None
+                    reply = pending.result()
                     break
-                reply = self._forward(sid, session, tokens, start, sample)
-                break
-            except PeerError as e:
-                attempts += 1
-                if not self.failover_enabled:
-                    raise
-                if attempts > MAX_RECOVERIES_PER_STEP:
-                    raise PeerError(f"{e}; gave up after {attempts - 1} recoveries at one step") from None
-                failed = str(e)
+                except PeerError as e:
+                    if event is not None:  # the client has the last token before a recovery or an error
+                        yield event
+                        event = None
+                    attempts += 1
+                    if not self.failover_enabled:
+                        raise
+                    if attempts > MAX_RECOVERIES_PER_STEP:
+                        raise PeerError(f"{e}; gave up after {attempts - 1} recoveries at one step") from None
+                    failed = str(e)
+        except Exception:
+            if event is not None:
+                yield event
+            raise
+        if event is not None:
+            yield event
         session.tokens.extend(tokens)
         session.positions = start + len(tokens)
         self._note_compute(session, reply)
@@ -831,31 +864,26 @@ class Coordinator:
         )
 
     def _forward(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool) -> pb.ForwardReply:
-        """Send one step along the session's route; PeerError when a node fails or the watcher stops it."""
+        return self._start_forward(sid, session, tokens, start, sample).result()
+
+    def _start_forward(self, sid: str, session: _Session, tokens: list[int], start: int, sample: bool) -> "_Step":
+        """Send one step along the session's route (the coordinator's own hop runs it first); the step's
+        `result()` raises PeerError when a node fails or the watcher stops it."""
         request = self._request(sid, session, tokens, start, sample)
         first = session.route[0]
         if first.is_self:
             try:
-                return self.local.forward(request)
+                return _Step(self.local.start_forward(request), "the next node")
             except grpc.RpcError as e:  # the local node's call onward failed
                 raise wire.from_rpc(e, "the next node") from None
+        where = f"node at {first.address} (layers {first.layers})"
         try:
             call = self.local.links.call(first.steps, request, timeout=FORWARD_TIMEOUT_S)
         except grpc.RpcError as e:
-            raise wire.from_rpc(e, f"node at {first.address} (layers {first.layers})") from None
+            raise wire.from_rpc(e, where) from None
         with self._cond:
             session.inflight = call
-        try:
-            return call.result()
-        except grpc.FutureCancelledError:
-            raise PeerError(f"step stopped: {session.interrupted or 'cancelled'}") from None
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise PeerError(f"step stopped: {session.interrupted or 'cancelled'}") from None
-            raise wire.from_rpc(e, f"node at {first.address} (layers {first.layers})") from None
-        finally:
-            with self._cond:
-                session.inflight = None
+        return _Step(call, where, session, self._cond)
 
     def _note_compute(self, session: _Session, reply: pb.ForwardReply) -> None:
         """Count each hop's compute since its last checkpoint; ask for one when a rebuild would cost too much."""
@@ -1246,6 +1274,31 @@ def _add_timings(totals: pb.StepTimings, reply: pb.ForwardReply, wall_s: float) 
     totals.serialization_ms += codec
     totals.sampling_ms += sample
     totals.network_ms += max(0.0, 1e3 * wall_s - compute - codec - sample)
+
+
+class _Step:
+    """One step on its way: the first hop's call (the local node's `Onward` or a step-stream call)."""
+
+    def __init__(self, call, where: str, session: "_Session | None" = None, cond: threading.Condition | None = None):
+        self._call, self._where, self._session, self._cond = call, where, session, cond
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def result(self) -> pb.ForwardReply:
+        session = self._session
+        try:
+            return self._call.result()
+        except grpc.FutureCancelledError:
+            raise PeerError(f"step stopped: {(session.interrupted if session else '') or 'cancelled'}") from None
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and session is not None:
+                raise PeerError(f"step stopped: {session.interrupted or 'cancelled'}") from None
+            raise wire.from_rpc(e, self._where) from None
+        finally:
+            if session is not None:
+                with self._cond:
+                    session.inflight = None
 
 
 class CoordinatorService(pbg.CoordinatorServicer):

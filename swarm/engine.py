@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -56,6 +57,20 @@ def _llama():
         # 300-20,000 for three shards on two cores (docs/benchmarks.md). Read by libgomp when llama_cpp
         # loads it, so only effective if llama_cpp was not imported before; a user's own setting wins.
         os.environ.setdefault("GOMP_SPINCOUNT", "5000")
+        cpus = _team_cpus()
+        if cpus:
+            # One CPU for each thread of a graph's team. Left free, the kernel at times woke two of them
+            # onto one CPU, where every barrier of the graph waited for a time slice: three shards on two
+            # cores ran at 82-85% of one process unbound and 91-93% bound (docs/benchmarks.md). libgomp
+            # binds the thread that loads it to the first CPU and the team's other threads to the next,
+            # so llama.cpp is loaded on the compute thread, the only one that runs graphs; every other
+            # thread of the process keeps all CPUs.
+            os.environ["GOMP_CPU_AFFINITY"] = " ".join(map(str, cpus))
+            try:
+                _compute.run(importlib.import_module, "llama_cpp")
+            finally:
+                del os.environ["GOMP_CPU_AFFINITY"]
+            _lib_state["team_cpus"] = cpus
         import llama_cpp
 
         @llama_cpp.llama_log_callback
@@ -122,6 +137,37 @@ class _ComputeThread:
 
 
 _compute = _ComputeThread()
+
+
+_planned_threads: int | None = 0  # 0: not planned (a library user's process: no binding)
+
+
+def plan_threads(n_threads: int | None) -> None:
+    """The threads this process will give each graph (None: `default_threads()`), said by a process that
+    runs all its graphs through the engine (`swarm join`) before llama.cpp loads: it may then bind them
+    to CPUs (see `_team_cpus`)."""
+    global _planned_threads
+    _planned_threads = n_threads
+
+
+def _team_cpus() -> list[int] | None:
+    """The CPUs to bind a graph's threads to, one each, or None to leave them to the kernel.
+
+    Only in a process that planned its threads (`plan_threads`): libgomp would bind any other thread
+    that runs a graph too, such as a library user's own llama_cpp.Llama. Only where the team uses every
+    CPU the process may use (a team on fewer would put every process of a machine on the same few
+    CPUs), and only if the user set no OpenMP placement of their own; SWARM_BIND_THREADS=0 turns it off.
+    """
+    if _planned_threads == 0 or os.environ.get("SWARM_BIND_THREADS", "1") == "0":
+        return None
+    if any(os.environ.get(k) for k in ("GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES")):
+        return None
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+    team = _planned_threads or default_threads()
+    return cpus if len(cpus) > 1 and team == len(cpus) else None
 
 
 def _ggml():

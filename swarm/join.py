@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from . import __version__, discovery, profiling, steps, wire
+from . import __version__, discovery, engine, profiling, steps, wire
 from .cache import key_file
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
@@ -154,6 +154,7 @@ def start_coordinator(
     reprofile: bool = False, failover: bool = True, step_port: int | None = None,
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS."""
+    engine.plan_threads(threads)
     key = key or wire.new_key()
     server, bound = _start_server(host, port, key)
     address = f"{_reachable_host(host)}:{bound}"
@@ -190,6 +191,7 @@ class RunningNode:
         max_memory: int, pin: LayerRange | None, threads: int | None, mdns_interface: str | None,
         reprofile: bool = False, step_port: int | None = None,
     ):
+        engine.plan_threads(threads)
         self.swarm, self.key, self.name = swarm, key, name
         self.pin, self.max_memory, self.threads = pin, max_memory, threads
         self.interfaces = discovery.interfaces_for(host, mdns_interface)

@@ -81,6 +81,24 @@ class LoadedShard:
         self.shard.drop_session(session)
 
 
+class Onward:
+    """A step this node has run: its reply, or, when the route goes on, the wait for the rest of it."""
+
+    def __init__(self, reply: pb.ForwardReply | None = None, finish: Callable[[], pb.ForwardReply] | None = None,
+                 cancel: Callable[[], object] | None = None):
+        self._reply, self._finish, self._cancel = reply, finish, cancel
+
+    def result(self) -> pb.ForwardReply:
+        if self._finish is not None:
+            self._reply, self._finish = self._finish(), None
+        return self._reply
+
+    def cancel(self) -> None:
+        """Stop waiting: the rest of the route is told, and `result()` raises PeerError."""
+        if self._cancel is not None:
+            self._cancel()
+
+
 class NodeService(pbg.NodeServicer):
     """One node's shards and sessions. `fetcher` returns the coordinator's FetchShard call when needed.
 
@@ -313,6 +331,11 @@ class NodeService(pbg.NodeServicer):
 
     def forward(self, request: pb.ForwardRequest, context=None) -> pb.ForwardReply:
         """Run this node's layers for one step, then the rest of the route; returns the sampled token."""
+        return self.start_forward(request, context).result()
+
+    def start_forward(self, request: pb.ForwardRequest, context=None) -> "Onward":
+        """Run this node's layers for one step and send it on; `result()` of what it returns waits for the
+        rest of the route (so the caller can do something else meanwhile), `cancel()` gives up on it."""
         t0 = time.perf_counter()
         entry = self._entry(request.layers)
         shard = entry.shard
@@ -360,13 +383,13 @@ class NodeService(pbg.NodeServicer):
                 threading.Thread(target=self._checkpoint, args=(entry, sid, True), daemon=True).start()
             timing.handler_ms = 1e3 * (time.perf_counter() - t0)
             reply.timings.append(timing)
-            return reply
+            return Onward(reply)
         hidden = wire.encode_hidden(out)
         if start >= request.keep_from:  # what the next hop's recovery would need
             entry.kept.add(sid, KeptStep(start, tuple(request.tokens), hidden), int(request.keep_from))
         if request.replay:
             timing.handler_ms = 1e3 * (time.perf_counter() - t0)
-            return pb.ForwardReply(timings=[timing])
+            return Onward(pb.ForwardReply(timings=[timing]))
         if not request.next:
             self._undo(entry, sid, start, step)
             raise BadInputError(f"the route ends after layer {shard.layers.end}, but the model goes on; re-plan")
@@ -391,26 +414,38 @@ class NodeService(pbg.NodeServicer):
                 call.cancel()
             if request.checkpoint:  # while the next hops compute
                 self._checkpoint(entry, sid)
-            reply = call.result(watch)
-        except (grpc.RpcError, grpc.FutureCancelledError) as e:
-            self._undo(entry, sid, start, step)  # keep this shard in step with the ones after it
-            if isinstance(e, grpc.FutureCancelledError) or e.code() == grpc.StatusCode.CANCELLED:
-                raise PeerError(f"the step was cancelled while next hop {hop.address} had it") from None
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise PeerError(f"next hop {hop.address} (layers {wire.layer_range(hop.layers)}) did not answer: "
-                                f"{e.details()}") from None
-            raise
-        except Exception:
-            self._undo(entry, sid, start, step)
-            raise
-        finally:
-            self._inflight.pop((sid, shard.layers), None)
-        t5 = time.perf_counter()
+        except Exception as e:
+            raise self._onward_failed(e, entry, sid, start, step, hop) from None
         timing.codec_ms += 1e3 * (t4 - t3)
-        timing.call_ms = 1e3 * (t5 - t4)
-        timing.handler_ms = 1e3 * (t5 - t0)
-        reply.timings.insert(0, timing)
-        return reply
+
+        def finish() -> pb.ForwardReply:
+            try:
+                reply = call.result(watch)
+            except Exception as e:
+                raise self._onward_failed(e, entry, sid, start, step, hop) from None
+            self._inflight.pop((sid, shard.layers), None)
+            t5 = time.perf_counter()
+            timing.call_ms = 1e3 * (t5 - t4)
+            timing.handler_ms = 1e3 * (t5 - t0)
+            reply.timings.insert(0, timing)
+            return reply
+
+        return Onward(finish=finish, cancel=call.cancel)
+
+    def _onward_failed(self, e: Exception, entry: LoadedShard, sid: str, start: int, step: int,
+                       hop: pb.Hop) -> Exception:
+        """The rest of the route failed: roll this hop back to stay in step with the ones after it; the
+        error to raise."""
+        self._inflight.pop((sid, entry.shard.layers), None)
+        self._undo(entry, sid, start, step)
+        if isinstance(e, grpc.FutureCancelledError) or (
+                isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED):
+            return PeerError(f"the step was cancelled while next hop {hop.address} had it")
+        if isinstance(e, grpc.RpcError) and e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                         grpc.StatusCode.DEADLINE_EXCEEDED):
+            return PeerError(f"next hop {hop.address} (layers {wire.layer_range(hop.layers)}) did not answer: "
+                             f"{e.details()}")
+        return e
 
     def _undo(self, entry: LoadedShard, sid: str, start: int, step: int) -> None:
         """Roll a failed step back, unless the session has moved on since (a recovery rewound it)."""

@@ -121,25 +121,26 @@ def test_openmp_spin_is_set_before_llama_cpp_loads():
     assert done.stdout.strip() == "['5000']"
 
 
-# Steps asked for by four threads (as gRPC serves a coordinator's sessions); counts the threads the
-# process gains: the callers, plus whatever runs the graphs.
+# Steps asked for by the main thread, then by four more threads (as gRPC serves a coordinator's
+# sessions); counts the threads the process gains from the four beyond the callers themselves.
 _GRAPH_THREADS = r"""
 import json, os, sys, threading
 from swarm.chain import LocalChain
 chain = LocalChain(sys.argv[1], 2, n_threads=2)
 sid = chain.open_session()
-before = len(os.listdir("/proc/self/task"))
 tokens, turn, done, hold = chain.tokenizer.tokenize("Hello"), threading.Lock(), [], threading.Event()
+done.append(int(chain.step(sid, tokens).argmax()))  # whatever runs graphs exists from here on
+before = len(os.listdir("/proc/self/task"))
 def caller():
     with turn:  # one step after another, each from its own thread
-        done.append(int(chain.step(sid, tokens if not done else [done[-1]]).argmax()))
+        done.append(int(chain.step(sid, [done[-1]]).argmax()))
     hold.wait()  # alive while counting: a thread's OpenMP team lives as long as the thread
 callers = [threading.Thread(target=caller) for _ in range(4)]
 for t in callers:
     t.start()
-while len(done) < 4:
+while len(done) < 5:
     threading.Event().wait(0.01)
-print(len(os.listdir("/proc/self/task")) - before - len(callers), json.dumps(done))
+print(len(os.listdir("/proc/self/task")) - before - len(callers), json.dumps(done[:4]))
 hold.set()
 """
 
@@ -147,10 +148,54 @@ hold.set()
 def test_graphs_run_on_one_thread_whoever_asks(model_path, reference):
     """Each thread that starts a graph leads an OpenMP team of its own; with more OpenMP threads than
     CPUs, libgomp sleeps and wakes its threads at every barrier (a coordinator once did ~75 times per
-    step). All graphs run on one compute thread: four callers add one thread and its team of one."""
+    step). All graphs run on one compute thread: four more callers add no thread but themselves."""
     done = subprocess.run([sys.executable, "-c", _GRAPH_THREADS, str(model_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     added, tokens = done.stdout.split(" ", 1)
-    assert int(added) == 2, f"graphs started {added} threads (expected the compute thread and one OpenMP worker)"
+    assert int(added) == 0, f"steps from four threads started {added} more threads (OpenMP teams of their own)"
     assert json.loads(tokens) == reference.run("Hello", 4)[1], "steps from several threads changed the text"
+
+
+# Runs a few steps with the process held to two CPUs, then prints the CPUs of every thread bound to
+# fewer than those two, and the main thread's.
+_BINDING = r"""
+import json, os, sys
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+allowed = sorted(os.sched_getaffinity(0))
+from swarm import engine
+from swarm.chain import LocalChain
+if sys.argv[3] == "swarm-process":  # as `swarm join` does
+    engine.plan_threads(int(sys.argv[2]))
+chain = LocalChain(sys.argv[1], 2, n_threads=int(sys.argv[2]))
+out = list(chain.generate("Hello", 4, stop_at_eog=False))
+threads = [sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]
+print(json.dumps({"allowed": allowed, "bound": sorted(c for c in threads if c != allowed),
+                  "main": sorted(os.sched_getaffinity(0)), "tokens": out}))
+"""
+
+
+@pytest.mark.parametrize("threads, env, process, bound", [
+    (2, {}, "swarm-process", True),  # the team covers both CPUs: one thread on each
+    (1, {}, "swarm-process", False),  # a team on fewer CPUs than the process has: left to the kernel
+    (2, {"SWARM_BIND_THREADS": "0"}, "swarm-process", False),  # turned off
+    (2, {"OMP_PROC_BIND": "false"}, "swarm-process", False),  # the user's own OpenMP placement wins
+    (2, {}, "library-user", False),  # their own threads may run graphs too: libgomp would bind those
+])
+def test_a_graphs_threads_get_a_cpu_each_only_where_they_use_all(model_path, reference, threads, env, process,
+                                                                  bound):
+    """Left free, the kernel at times put two threads of a graph's team on one CPU, and every barrier of
+    the graph then waited for a time slice. In a `swarm join` process the team is bound one thread per
+    CPU where it spans every CPU of the process; no other thread is bound."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this check needs a machine with at least two CPUs")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES", "SWARM_BIND_THREADS")}
+    done = subprocess.run([sys.executable, "-c", _BINDING, str(model_path), str(threads), process], capture_output=True,
+                          text=True, timeout=300, env={**environ, **env})
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    cpus = seen["allowed"]
+    assert len(cpus) == 2 and seen["main"] == cpus, "only the graph's threads may be bound"
+    assert seen["bound"] == ([[cpus[0]], [cpus[1]]] if bound else [])
+    assert seen["tokens"] == reference.run("Hello", 4)[1]
