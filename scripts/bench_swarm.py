@@ -3,9 +3,10 @@
 
 A 1-, 2- and 3-node swarm (every node a `swarm join` process, as a user starts them: the coordinator with
 the model and the first range, the others pinned to an even split; this script is only the client) and a
-llama-cpp-python process are all started first, then take turns round by round, so machine noise falls
-on all of them alike. Medians are reported, with
-each swarm's per-token time split into compute (llama.cpp, summed over the hops), serialization (hidden
+llama-cpp-python process are all started first, then take turns round by round (the reference first, the
+swarms each going first in turn), so machine noise falls on all of them alike. Medians are reported,
+with the median of each round's ratio to that round's reference beside the ratio of medians, and each
+swarm's per-token time split into compute (llama.cpp, summed over the hops), serialization (hidden
 states to bytes and back), sampling, and network (everything else: gRPC, loopback, scheduling).
 
     python scripts/bench_swarm.py                  # default model, 5 rounds, 128 decode tokens
@@ -165,8 +166,9 @@ def main() -> int:
             ref.stdin.write("go\n")
             ref.stdin.flush()
             results["llama-cpp-python"].append(json.loads(ref.stdout.readline()))
-            for name, s in swarms.items():
-                results[name].append(run_swarm(s.client, args.decode))
+            names = list(swarms)
+            for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
+                results[name].append(run_swarm(swarms[name].client, args.decode))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for s in swarms.values():
@@ -175,9 +177,12 @@ def main() -> int:
 
     med = {c: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for c, runs in results.items()}
     base = med["llama-cpp-python"]
+    # The same round's reference as the yardstick: a machine that slows down for a while slows both.
+    paired = {c: statistics.median(a["decode_tps"] / b["decode_tps"] for a, b in zip(runs, results["llama-cpp-python"]))
+              for c, runs in results.items()}
     print(f"model {model.name}, prompt {int(base['prompt_tokens'])} tokens, {args.decode} tokens generated, "
           f"{threads} threads per process, median of {args.rounds} rounds\n")
-    print("| configuration | first token ms | decode tok/s | decode vs llama-cpp-python | median step ms (vs) | "
+    print("| configuration | first token ms | decode tok/s | decode vs llama-cpp-python (paired) | median step ms (vs) | "
           "per token: compute | serialization | sampling | network |")
     print("|---|---|---|---|---|---|---|---|---|")
     for c, m in med.items():
@@ -185,7 +190,8 @@ def main() -> int:
             print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | 100% | {m['median_step_ms']:.2f} (100%) "
                   "| | | | |")
             continue
-        print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | {m['decode_tps'] / base['decode_tps']:.0%} | "
+        print(f"| {c} | {m['ttft_ms']:.0f} | {m['decode_tps']:.1f} | {m['decode_tps'] / base['decode_tps']:.0%} "
+              f"({paired[c]:.0%}) | "
               f"{m['median_step_ms']:.2f} ({base['median_step_ms'] / m['median_step_ms']:.0%}) | "
               f"{m['compute_ms']:.2f} ms | {m['serialization_ms']:.2f} ms | {m['sampling_ms']:.2f} ms | "
               f"{m['network_ms']:.2f} ms |")
