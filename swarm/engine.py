@@ -139,15 +139,14 @@ class _ComputeThread:
 _compute = _ComputeThread()
 
 
-_planned_threads: int | None = 0  # 0: not planned (a library user's process: no binding)
+_plan: dict[str, int | None] = {}  # "threads", once a coordinator or node process said it
 
 
 def plan_threads(n_threads: int | None) -> None:
-    """The threads this process will give each graph (None: `default_threads()`), said by a process that
-    runs all its graphs through the engine (`swarm join`) before llama.cpp loads: it may then bind them
-    to CPUs (see `_team_cpus`)."""
-    global _planned_threads
-    _planned_threads = n_threads
+    """The threads this process will give each graph (None: `default_threads()`). A process that runs a
+    coordinator or a node (`join.start_coordinator`, `join.RunningNode`) says so before llama.cpp loads;
+    all its graphs run through the engine, so it may bind them to CPUs (see `_team_cpus`)."""
+    _plan["threads"] = n_threads
 
 
 def _team_cpus() -> list[int] | None:
@@ -158,7 +157,7 @@ def _team_cpus() -> list[int] | None:
     CPU the process may use (a team on fewer would put every process of a machine on the same few
     CPUs), and only if the user set no OpenMP placement of their own; SWARM_BIND_THREADS=0 turns it off.
     """
-    if _planned_threads == 0 or os.environ.get("SWARM_BIND_THREADS", "1") == "0":
+    if "threads" not in _plan or os.environ.get("SWARM_BIND_THREADS", "1") == "0":
         return None
     if any(os.environ.get(k) for k in ("GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES")):
         return None
@@ -166,7 +165,7 @@ def _team_cpus() -> list[int] | None:
         cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return None
-    team = _planned_threads or default_threads()
+    team = _plan["threads"] or default_threads()
     return cpus if len(cpus) > 1 and team == len(cpus) else None
 
 
