@@ -60,7 +60,8 @@ for _ in sys.stdin:
 class ProcSwarm:
     """A swarm of `swarm join` processes on 127.0.0.1, pinned to an even split, and a client to it."""
 
-    def __init__(self, model, nodes: int, threads: int, log_dir, code: str | None = None):
+    def __init__(self, model, nodes: int, threads: int, log_dir, code: str | None = None, max_sessions: int = 1,
+                 env: dict | None = None, label: str = ""):
         from swarm import wire
         from swarm.client import SwarmClient
         from swarm.gguf_file import read_gguf
@@ -72,15 +73,17 @@ class ProcSwarm:
         port, key = free_port(), wire.new_key()
         self.address = f"127.0.0.1:{port}"
         common = ["--host", "127.0.0.1", "--mdns-interface", "off", "--threads", str(threads)]
-        commands = [["--model", str(model), "--port", str(port), "--key", key, "--ctx", "1024", "--max-sessions", "1",
+        commands = [["--model", str(model), "--port", str(port), "--key", key, "--ctx", "1024", "--max-sessions", str(max_sessions),
                      "--swarm", f"bench-{os.getpid()}-{nodes}", "--name", "coordinator", "--layers", str(ranges[0])]]
         commands += [["--coordinator", self.address, "--key", key, "--name", f"node{i}", "--layers", str(r)]
                      for i, r in enumerate(ranges[1:], start=1)]
         # `code`: a checkout of another version; its nodes run that code (the client is this one).
-        env = None if code is None else {**os.environ, "PYTHONPATH": code}
+        # `env`: more environment for the nodes.
+        env = {**os.environ, **(env or {}), **({"PYTHONPATH": code} if code else {})}
+        label = label or ("-baseline" if code else "")
         self.procs = []
         for i, args in enumerate(commands):
-            with open(log_dir / f"bench-swarm{nodes}{'-baseline' if code else ''}-{i}.log", "wb") as out:
+            with open(log_dir / f"bench-swarm{nodes}{label}-{i}.log", "wb") as out:
                 self.procs.append(subprocess.Popen([sys.executable, "-m", "swarm.cli", "join", *args, *common],
                                                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=code))
         self.client = SwarmClient(self.address, key=key)
