@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from bench_swarm import PROMPT, ProcSwarm
+from bench_swarm import PROMPT, ProcSwarm, take_turns
 
 # One line per round in, one JSON line out: the prompts generated one after the other.
 REFERENCE = r"""
@@ -89,17 +89,8 @@ def main() -> int:
                                                                {"SWARM_BIND_THREADS": "0"})):
             swarms[name] = ProcSwarm(model, 3, threads, cache.subdir("logs"), max_sessions=args.sessions, env=env,
                                      label=f"-{len(swarms)}-concurrent")
-        for s in swarms.values():  # warm-up
-            s.client.complete("Hello", max_tokens=4)
-        results: dict[str, list[float]] = {"llama-cpp-python, one after the other": []} | {n: [] for n in swarms}
-        for r in range(args.rounds):
-            ref.stdin.write("go\n")
-            ref.stdin.flush()
-            results["llama-cpp-python, one after the other"].append(json.loads(ref.stdout.readline())["tps"])
-            names = list(swarms)
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                results[name].append(run_at_once(swarms[name].client, prompts, args.decode))
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        refs, runs = take_turns(ref, swarms, args.rounds, lambda client: run_at_once(client, prompts, args.decode))
+        results = {"llama-cpp-python, one after the other": [x["tps"] for x in refs]} | runs
     finally:
         for s in swarms.values():
             s.close()

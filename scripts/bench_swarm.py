@@ -131,6 +131,25 @@ def run_swarm(client, n_decode: int) -> dict:
     }
 
 
+def take_turns(ref: subprocess.Popen, swarms: dict[str, ProcSwarm], rounds: int, run) -> tuple[list, dict[str, list]]:
+    """Warm every swarm up, then each round: one answer of the reference process (a JSON line per "go"
+    line), then `run(client)` on every swarm, each going first in turn. Returns the reference's answers
+    and each swarm's results, round by round."""
+    for s in swarms.values():
+        s.client.complete("Hello", max_tokens=4)
+    refs: list = []
+    results: dict[str, list] = {name: [] for name in swarms}
+    names = list(swarms)
+    for r in range(rounds):
+        ref.stdin.write("go\n")
+        ref.stdin.flush()
+        refs.append(json.loads(ref.stdout.readline()))
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(run(swarms[name].client))
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    return refs, results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -162,17 +181,8 @@ def main() -> int:
             for n in sizes:
                 swarms[f"{n}-node swarm ({rev})"] = ProcSwarm(model, n, threads, cache.subdir("logs"),
                                                               code=os.path.abspath(args.baseline))
-        for s in swarms.values():  # warm-up
-            s.client.complete("Hello", max_tokens=4)
-        results: dict[str, list[dict]] = {"llama-cpp-python": []} | {name: [] for name in swarms}
-        for r in range(args.rounds):
-            ref.stdin.write("go\n")
-            ref.stdin.flush()
-            results["llama-cpp-python"].append(json.loads(ref.stdout.readline()))
-            names = list(swarms)
-            for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
-                results[name].append(run_swarm(swarms[name].client, args.decode))
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        refs, runs = take_turns(ref, swarms, args.rounds, lambda client: run_swarm(client, args.decode))
+        results = {"llama-cpp-python": refs} | runs
     finally:
         for s in swarms.values():
             s.close()

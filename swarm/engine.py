@@ -70,7 +70,6 @@ def _llama():
                 _compute.run(importlib.import_module, "llama_cpp")
             finally:
                 del os.environ["GOMP_CPU_AFFINITY"]
-            _lib_state["team_cpus"] = cpus
         import llama_cpp
 
         @llama_cpp.llama_log_callback
