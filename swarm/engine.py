@@ -294,6 +294,7 @@ class Tokenizer:
 class _Session:
     seq: int
     n_past: int = 0
+    floor: int = 0  # after an import that filled a window cache: the earliest length a rollback may keep
     # Changes whenever cells are rewritten or dropped (open, rollback, import): a KV delta is only taken
     # against a base of the same edit.
     edit: int = field(default_factory=lambda: next(_EDITS))
@@ -435,6 +436,16 @@ class Shard:
     def session_length(self, session: str) -> int:
         return self._get(session).n_past
 
+    def kv_span(self, session: str) -> tuple[int, int]:
+        """(first, end) of the positions the session's KV cache holds; on a sliding-window model the
+        window layers' cache decides `first` (it keeps old cells until their room is needed)."""
+        with self._lock:
+            s = self._get(session)
+            if not s.n_past:
+                return 0, 0
+            return (self._llama.llama_memory_seq_pos_min(self._mem, s.seq),
+                    self._llama.llama_memory_seq_pos_max(self._mem, s.seq) + 1)
+
     def _get(self, session: str) -> _Session:
         if not self._ctx:
             raise EngineError(f"shard {self.layers} is closed; load it again")
@@ -539,10 +550,18 @@ class Shard:
             s = self._get(session)
             if not 0 <= length <= s.n_past:
                 raise BadInputError(f"cannot roll session {session!r} back to {length}; it holds {s.n_past} positions")
+            if 0 < length < s.floor:
+                raise KVStateError(
+                    f"cannot roll session {session!r} back to {length}: its KV state was imported at {s.floor} "
+                    f"positions, and this model's sliding-window layers kept only the window before that; roll back "
+                    f"to {s.floor} or later, or to 0 and replay"
+                )
             self._llama.llama_memory_seq_rm(self._mem, s.seq, length, -1)
             if length < s.n_past:
                 s.edit = next(_EDITS)
             s.n_past = length
+            if length == 0:
+                s.floor = 0
 
     def replay(self, session: str, steps: Iterable[tuple[int, object]]) -> None:
         """Rebuild a session's KV cache by running its recorded (start, inputs) steps again, in order.
@@ -631,12 +650,19 @@ class Shard:
         n_past = head["n_past"]
         if not 0 <= n_past <= self.n_ctx:
             raise KVStateError(f"KV state holds {n_past} positions but this shard's context holds {self.n_ctx}")
+        window_start = 0
+        if payload:
+            try:
+                payload, window_start = kvstate.fill_window(payload, kvstate.layout(payload))
+            except KVStateError as e:  # a layout this version does not know: loaded as llama.cpp wrote it
+                log.warning("KV state of shard %s not understood (%s); past a sliding window, the next steps may "
+                            "round differently from the exporter's", self.layers, e)
         with self._lock:
             if session not in self._sessions:
                 self.open_session(session)
             s = self._sessions[session]
             self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
-            s.n_past, s.edit = 0, next(_EDITS)
+            s.n_past, s.edit, s.floor = 0, next(_EDITS), 0
             if payload:
                 buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
                 if self._llama.llama_state_seq_set_data(self._ctx, buf, len(payload), s.seq) == 0:
@@ -650,6 +676,8 @@ class Shard:
                 self._llama.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
                 raise KVStateError(f"KV state says {n_past} positions but holds {held}; it is inconsistent")
             s.n_past = n_past
+            # Window layers hold nothing real before `window_start`: no rollback may reach back there.
+            s.floor = n_past if window_start else 0
 
     # ------------------------------------------------------------ lifetime
 

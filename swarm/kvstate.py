@@ -260,3 +260,51 @@ def apply(full, deltas: list) -> bytes:
             raise KVStateError("a KV delta names cells that none of the pieces holds; take a full checkpoint again")
         picks.append(at)
     return _pick(parts, picks, parts[0][1].prefix)
+
+
+def fill_window(payload, lay: Layout) -> tuple[bytes, int]:
+    """The state with every window cache's dropped cells put back as placeholders; (payload, first real
+    position of a window cache, 0 when none was filled).
+
+    llama.cpp exports a window cache without the cells its window has left behind, and imports what it
+    gets into the first free cells. The exporting context still had those old cells (masked), so each
+    position p sat in cell p; in the importing one the window's cells would start at cell 0. Attention
+    then sums the same values in other places of its vectors, and on some CPUs (AVX2) rounds differently.
+    Placeholder cells for positions 0..first-1 (zero K and V, masked like the old ones: they lie outside
+    the window of every position that follows) put each real cell back where it was, so the importer
+    computes bit for bit what the exporter would. Streams whose cells are not consecutive ascending
+    positions are left as they are.
+    """
+    data = memoryview(payload)
+    held = positions(payload, lay)
+    if held is None:
+        return bytes(payload), 0
+    out, i, filled = [lay.prefix], 0, 0
+    at = len(lay.prefix)
+    for streams in lay.caches:
+        out.append(_U32.pack(len(streams)))
+        at += 4
+        for s in streams:
+            pos = held[i]
+            i += 1
+            end = (s.blocks[-1].at + s.blocks[-1].rows * s.cells * s.blocks[-1].width) if s.cells else s.meta[1]
+            first = int(pos[0]) if len(pos) else 0
+            if not len(pos) or first <= 0 or not np.array_equal(pos, np.arange(first, first + len(pos))):
+                out.append(data[at:end])
+                at = end
+                continue
+            filled = first if not filled else min(filled, first)
+            seq = bytes(data[s.meta[0] + 4:s.meta[0] + 12])  # (1, sequence id) of the first cell
+            meta = np.empty((first, 3), "<i4")
+            meta[:, 0] = np.arange(first)
+            meta[:, 1:] = np.frombuffer(seq, "<i4")
+            out += [_U32.pack(first + s.cells), meta.tobytes(), data[s.meta[0]:s.meta[1]], s.tag]
+            for b in s.blocks:
+                out.append(b.head)
+                zeros = bytes(first * b.width)
+                for row in range(b.rows):
+                    out += [zeros, data[b.at + row * s.cells * b.width:b.at + (row + 1) * s.cells * b.width]]
+            at = end
+    if at != len(data):
+        raise KVStateError("KV state has bytes past its last cache; it is damaged")
+    return b"".join(out), filled

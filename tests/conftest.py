@@ -46,13 +46,13 @@ class Reference:
         self.path = path
         self._cache: dict[tuple, tuple[list[int], list[int], np.ndarray]] = {}
 
-    def run(self, prompt: str, n: int = N_TOKENS):
+    def run(self, prompt: str, n: int = N_TOKENS, n_ctx: int = N_CTX):
         """(prompt tokens, generated tokens, logits after the prompt)."""
-        key = (prompt, n)
+        key = (prompt, n, n_ctx)
         if key not in self._cache:
             import llama_cpp
 
-            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=N_CTX, verbose=False)
+            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, verbose=False)
             vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
             tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
             out: list[int] = []

@@ -33,8 +33,8 @@ PINS = [["--layers", "0:6"], ["--layers", "6:12"], ["--layers", "12:18"]]
 LAYERS = ["0:6", "6:12", "12:18"]
 
 
-def _swarm(tmp, model_path, nodes=PINS, coordinator_args=()):
-    swarm = Swarm(tmp, model_path, list(coordinator_args), [list(n) for n in nodes], key=KEY)
+def _swarm(tmp, model_path, nodes=PINS, coordinator_args=(), ctx=512):
+    swarm = Swarm(tmp, model_path, list(coordinator_args), [list(n) for n in nodes], key=KEY, ctx=ctx)
     try:
         swarm.wait_ready()
     except BaseException:
@@ -116,6 +116,28 @@ def test_a_rebuild_from_a_long_chain_of_kv_deltas(tmp_path, model_path, referenc
         print(c)
         assert c["deltas"] > 150 and c["full"] >= 3
         assert c["delta_bytes"] / c["deltas"] < c["full_bytes"] / c["full"] / 3
+    finally:
+        swarm.close()
+
+
+@pytest.mark.parametrize("layers", ["0:6", "6:12"], ids=["first", "middle"])
+def test_kill_9_past_the_sliding_window_gives_the_uninterrupted_text(tmp_path, model_path, reference, monkeypatch,
+                                                                     layers):
+    """A session longer than Gemma 3's 512-position window: its checkpoints hold only the window's cells, and
+    the successor that imports one must compute exactly what the lost node would have (on AVX2 CPUs it did
+    not, until imports put each cell back where it was)."""
+    monkeypatch.setenv("SWARM_REPLAY_BUDGET_S", "0.01")  # checkpoints every few steps: the last one is past 512
+    prompt, n = PROMPTS[0], 660
+    _, expected, _ = reference.run(prompt, n, n_ctx=1024)
+    assert len(expected) == n  # no end of text before the window is passed
+    swarm = _swarm(tmp_path, model_path, ctx=1024)
+    try:
+        position = random.randrange(610, 640)
+        print(f"kill -9 of the node holding {layers} after {position} tokens")
+        tokens, _ = _generate_breaking(swarm, prompt, [(position, _kill(swarm, layers))], n=n)
+        assert tokens == expected
+        (r,) = _recoveries(swarm)
+        assert _span(r["layers"]) == layers and r["path"] == "replay" and r["replayed_positions"] < 100, r
     finally:
         swarm.close()
 
