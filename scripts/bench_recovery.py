@@ -119,15 +119,16 @@ class Bench:
         """One generation: decode tokens/s, the checkpoints held (at their largest) and shipped, and how much
         longer the steps that took a checkpoint (and the step after each) ran than the others."""
         steps: list[tuple[float, bool]] = []
-        request = self.coordinator._request
+        stepper = self.coordinator.stepper
+        message = stepper.message
 
-        def traced(sid, session, tokens, start, sample):  # when each step starts, and whether it checkpoints
-            message = request(sid, session, tokens, start, sample)
-            steps.append((time.perf_counter(), message.checkpoint or any(h.checkpoint for h in message.next)))
-            return message
+        def traced(session, tokens, start, sample):  # when each step starts, and whether it checkpoints
+            step = message(session, tokens, start, sample)
+            steps.append((time.perf_counter(), step.checkpoint or any(h.checkpoint for h in step.next)))
+            return step
 
         before = self.client.status().get("checkpoints", {})
-        self.coordinator._request = traced
+        stepper.message = traced
         try:
             gen = self.client.generate(prompt, max_tokens=n)
             held = 0
@@ -135,7 +136,7 @@ class Bench:
                 if i % 32 == 31:
                     held = max(held, sum(int(s["checkpoint_bytes"]) for s in self.client.status()["sessions"]))
         finally:
-            del self.coordinator._request
+            del stepper.message
         after = self.client.status().get("checkpoints", {})
         shipped = sum(int(after.get(k, 0)) - int(before.get(k, 0)) for k in ("full_bytes", "delta_bytes"))
         decode = steps[-(n - 1):]  # the decode steps (after the prompt's)
@@ -198,11 +199,11 @@ def main() -> int:
             for path, layers, sig in cases:
                 runs = []
                 for _ in range(args.rounds):
-                    bench.coordinator.recompute_only = path == "recompute"
+                    bench.coordinator.recovery.recompute_only = path == "recompute"
                     try:
                         runs.append(bench.trial(prompt, n, layers, sig, expected))
                     finally:
-                        bench.coordinator.recompute_only = False
+                        bench.coordinator.recovery.recompute_only = False
                     if sig == signal.SIGKILL and path == "replay":
                         detect["kill -9"].append(runs[-1]["detect_ms"])
                 got = {r["path"] for r in runs}

@@ -18,15 +18,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
-import grpc
-from google.protobuf import json_format
-
 from . import discovery, wire
-from ._proto import swarm_pb2 as pb
-from ._proto import swarm_pb2_grpc as pbg
-from .errors import AuthError, BadInputError
+from . import messages as m
 from .cache import local_key
+from .errors import AuthError, BadInputError
 from .sampling import SamplingParams
+from .wire.convert_client import timings_dict
 
 __all__ = ["SwarmClient", "Generation", "Completion"]
 
@@ -47,40 +44,34 @@ class Completion:
 class Generation:
     """An iterator of text pieces; `.result` holds the Completion once it is exhausted."""
 
-    def __init__(self, call, peer: str):
-        self._call = call
-        self._peer = peer
+    def __init__(self, events):
+        self._events = events
         self.session_id: str | None = None
         self.result = Completion()
 
     def __iter__(self) -> Iterator[str]:
         try:
-            for event in self._call:
-                kind = event.WhichOneof("event")
-                if kind == "started":
-                    self.session_id = event.started.session_id
-                    self.result.prompt_tokens = event.started.prompt_tokens
-                elif kind == "piece":
-                    self.result.tokens.extend(event.piece.tokens)
-                    self.result.text += event.piece.text
-                    if event.piece.text:
-                        yield event.piece.text
-                elif kind == "done":
-                    d = event.done
-                    self.result.finish_reason = d.finish_reason
-                    self.result.first_token_ms = d.first_token_ms
-                    self.result.tokens_per_s = d.decode_tokens_per_s
-                    if d.decode_timings.steps:
-                        self.result.timings = json_format.MessageToDict(
-                            d.decode_timings, preserving_proto_field_name=True)
-        except grpc.RpcError as e:
-            raise wire.from_rpc(e, f"coordinator {self._peer}") from None
+            for event in self._events:
+                if isinstance(event, m.Piece):
+                    self.result.tokens.extend(event.tokens)
+                    self.result.text += event.text
+                    if event.text:
+                        yield event.text
+                elif isinstance(event, m.Started):
+                    self.session_id = event.session_id
+                    self.result.prompt_tokens = event.prompt_tokens
+                else:
+                    self.result.finish_reason = event.finish_reason
+                    self.result.first_token_ms = event.first_token_ms
+                    self.result.tokens_per_s = event.decode_tokens_per_s
+                    if event.timings.steps:
+                        self.result.timings = timings_dict(event.timings)
         finally:
-            self._call.cancel()  # a caller that stops reading frees the session (no-op once finished)
+            self._events.cancel()  # a caller that stops reading frees the session (no-op once finished)
 
     def cancel(self) -> None:
         """Stop generating; the coordinator frees the session."""
-        self._call.cancel()
+        self._events.cancel()
 
 
 class SwarmClient:
@@ -99,8 +90,7 @@ class SwarmClient:
             raise AuthError(
                 "no swarm key: pass key=... (or --key), or set SWARM_KEY; the coordinator printed it when it started"
             )
-        self._channel = wire.channel(self.address, key)
-        self._stub = pbg.CoordinatorStub(self._channel)
+        self._link = wire.CoordinatorLink(self.address, key)
 
     # ------------------------------------------------------------ generation
 
@@ -114,11 +104,8 @@ class SwarmClient:
 
     def chat(self, messages: Iterable[Mapping[str, str] | tuple[str, str]], **options) -> Generation:
         """The assistant's reply to a conversation, streamed; formatted with the model's chat template."""
-        chat = pb.ChatInput()
-        for m in messages:
-            role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-            chat.messages.add(role=role, content=content)
-        return self._start(self._request(options, chat=chat))
+        pairs = tuple((x["role"], x["content"]) if isinstance(x, Mapping) else tuple(x) for x in messages)
+        return self._start(self._request(options, messages=pairs))
 
     def chat_complete(self, messages: Iterable[Mapping[str, str] | tuple[str, str]], **options) -> Completion:
         """The assistant's reply to a conversation, returned when finished."""
@@ -126,17 +113,13 @@ class SwarmClient:
 
     def status(self) -> dict:
         """Nodes, their resources and layers, and the running sessions, as a plain dict."""
-        try:
-            reply = self._stub.Status(pb.StatusRequest(), timeout=10.0)
-        except grpc.RpcError as e:
-            raise wire.from_rpc(e, f"coordinator {self.address}") from None
-        return json_format.MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        return self._link.status()
 
-    def _start(self, request: pb.GenerateRequest) -> Generation:
-        return Generation(self._stub.Generate(request), self.address)
+    def _start(self, request: m.GenerateRequest) -> Generation:
+        return Generation(self._link.generate(request))
 
     @staticmethod
-    def _request(options: dict, **input_) -> pb.GenerateRequest:
+    def _request(options: dict, **input_) -> m.GenerateRequest:
         """Options: max_tokens, temperature (0 = greedy, the default), top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, seed, stop (a string or a list), timings (bool)."""
         allowed = {"max_tokens", "stop", "timings"} | set(SamplingParams.__dataclass_fields__)
@@ -150,12 +133,11 @@ class SwarmClient:
             raise BadInputError("max_tokens must be 0 (the coordinator's default) or positive")
         timings = bool(options.pop("timings", False))
         sampling = SamplingParams(**options)
-        return pb.GenerateRequest(
-            max_tokens=max_tokens, sampling=wire.sampling_to_pb(sampling), stop=stop, timings=timings, **input_,
-        )
+        return m.GenerateRequest(max_tokens=max_tokens, sampling=sampling, stop=tuple(stop), timings=timings,
+                                 **input_)
 
     def close(self) -> None:
-        self._channel.close()
+        self._link.close()
 
     def __enter__(self) -> "SwarmClient":
         return self

@@ -11,6 +11,8 @@
     ├── AuthError                  a peer refused the swarm key (UNAUTHENTICATED)
     ├── NotReadyError              the swarm cannot serve yet: layers unplaced, shards loading
     └── PeerError                  a peer could not be reached or failed while serving a call
+        ├── UnreachableError       nothing answers at the peer's address (refused, reset, unreachable)
+        └── CancelledError         a call this side (or its caller) stopped waiting for
 
 Messages say what went wrong and what to do about it.
 """
@@ -60,3 +62,11 @@ class NotReadyError(SwarmError):
 
 class PeerError(SwarmError):
     """A peer was unreachable, timed out, or failed while serving a call."""
+
+
+class UnreachableError(PeerError):
+    """Nothing answers at a peer's address (UNAVAILABLE), as opposed to a peer that is slow to answer."""
+
+
+class CancelledError(PeerError):
+    """A step this side stopped waiting for: cancelled here, or by the caller it was serving."""

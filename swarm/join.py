@@ -12,22 +12,20 @@ import re
 import socket
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psutil
 
-from . import __version__, discovery, engine, profiling, steps, wire
+from . import __version__, discovery, engine, profiling, wire
+from . import messages as m
 from .cache import key_file
-from ._proto import swarm_pb2 as pb
-from ._proto import swarm_pb2_grpc as pbg
-from .coordinator import Coordinator, CoordinatorService
+from .coordinator import Coordinator
 from .engine import default_threads
-from .errors import BadInputError, SwarmError
+from .errors import AuthError, BadInputError, PeerError, SwarmError
 from .layers import LayerRange
-from .node import NodeService
+from .node import Node
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def resources(max_memory: int = 0, threads: int | None = None, with_devices: bool = False) -> pb.NodeResources:
+def resources(max_memory: int = 0, threads: int | None = None, with_devices: bool = False) -> m.Resources:
     """This machine's memory (within its cgroup limit, if any), what it gives the swarm, and its devices."""
     vm = psutil.virtual_memory()
     total, available = vm.total, vm.available
@@ -70,10 +68,10 @@ def resources(max_memory: int = 0, threads: int | None = None, with_devices: boo
     if limit:
         total = min(total, limit)
         available = min(available, max(0, limit - used))
-    return pb.NodeResources(
+    return m.Resources(
         memory_total=total, memory_available=available, max_memory=max_memory,
         threads=threads or default_threads(), cpu_count=os.cpu_count() or 1,
-        devices=profiling.devices() if with_devices else [],
+        devices=tuple(profiling.devices()) if with_devices else (),
     )
 
 
@@ -86,27 +84,13 @@ def _cgroup_memory() -> tuple[int, int]:
         return 0, 0
 
 
-def _start_server(host: str, port: int, key: str) -> tuple[grpc.Server, int]:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-        interceptors=[wire.KeyCheck(key)], options=wire.SERVER_OPTIONS, maximum_concurrent_rpcs=256,
-    )
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise BadInputError(f"cannot listen on {host}:{port}; is the port in use? pick another with --port")
-    return server, bound
-
-
-def _step_server(host: str, port: int, step_port: int | None, key: str) -> steps.StepServer:
+def _step_server(host: str, port: int, step_port: int | None, key: str) -> wire.StepServer:
     """The step stream's listener: on --step-port, else on the port after a fixed --port, else any free one."""
     if step_port is None:
         step_port = port + 1 if 0 < port < 65535 else 0
     if not 0 <= step_port < 65536:
         raise BadInputError(f"--step-port {step_port} is not a TCP port (0 to 65535; 0: any free port)")
-    return steps.StepServer(host, step_port, key)
+    return wire.StepServer(host, step_port, key)
 
 
 def _reachable_host(host: str) -> str:
@@ -129,6 +113,7 @@ def _write_private(path: Path, text: str) -> None:
 class RunningCoordinator:
     coordinator: Coordinator
     server: grpc.Server
+    step_server: wire.StepServer
     address: str
     key: str
     swarm: str
@@ -138,6 +123,7 @@ class RunningCoordinator:
         if self.advertiser:
             self.advertiser.close()
         self.server.stop(grace).wait()
+        self.step_server.close()
         self.coordinator.close()
         try:
             data = json.loads(key_file(self.swarm).read_text())
@@ -156,7 +142,7 @@ def start_coordinator(
     """Start the coordinator (it may host layers too) and advertise it on mDNS."""
     engine.plan_threads(threads)
     key = key or wire.new_key()
-    server, bound = _start_server(host, port, key)
+    server, bound = wire.server(host, port, key)
     address = f"{_reachable_host(host)}:{bound}"
     try:
         step_server = _step_server(host, bound if port else 0, step_port, key)
@@ -169,9 +155,9 @@ def start_coordinator(
         max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
         step_address=f"{_reachable_host(host)}:{step_server.port}",
     )
-    coordinator.local.serve_steps(step_server)
-    pbg.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
-    pbg.add_NodeServicer_to_server(coordinator.local, server)
+    step_server.start(coordinator.local.step)
+    wire.CoordinatorServicer.add_to(server, coordinator)
+    wire.NodeServicer.add_to(server, coordinator.local)
     server.start()
     interfaces = discovery.interfaces_for(host, mdns_interface)
     advertiser = None
@@ -180,7 +166,7 @@ def start_coordinator(
         advertiser = discovery.Advertiser(swarm, name or socket.gethostname(), bound, addresses, interfaces)
     _write_private(key_file(swarm), json.dumps({"address": address, "key": key, "pid": os.getpid()}))
     log.info("coordinator of swarm %r listening on %s", swarm, address)
-    return RunningCoordinator(coordinator, server, address, key, swarm, advertiser)
+    return RunningCoordinator(coordinator, server, step_server, address, key, swarm, advertiser)
 
 
 class RunningNode:
@@ -197,21 +183,21 @@ class RunningNode:
         self.interfaces = discovery.interfaces_for(host, mdns_interface)
         self._fixed_coordinator = wire.check_address(coordinator) if coordinator else None
         self.coordinator_address: str | None = self._fixed_coordinator
-        self._stub: pbg.CoordinatorStub | None = None
-        self._channel: grpc.Channel | None = None
-        self.service = NodeService(key, fetcher=self._fetcher, threads=threads, reprofile=reprofile,
-                                   checkpoint_sink=self._store_checkpoint)
+        self._link: wire.CoordinatorLink | None = None
+        self._peers = wire.NodeRegistry(key)
+        self.service = Node(self._peers, fetcher=self._fetcher, threads=threads, reprofile=reprofile,
+                            checkpoint_sink=self._store_checkpoint)
         self.heartbeat_s = 1.0  # until the coordinator says
-        self.server, self.port = _start_server(host, port, key)
+        self.server, self.port = wire.server(host, port, key)
         try:
-            step_server = _step_server(host, port, step_port, key)
+            self.step_server = _step_server(host, port, step_port, key)
         except BaseException:
             self.server.stop(0)
             raise
-        self.step_port = step_server.port
-        self.service.serve_steps(step_server)
+        self.step_port = self.step_server.port
+        self.step_server.start(self.service.step)
         self.host = "" if host in ("", "0.0.0.0", "::") else _reachable_host(host)
-        pbg.add_NodeServicer_to_server(self.service, self.server)
+        wire.NodeServicer.add_to(self.server, self.service)
         self.server.start()
         self.node_id: str | None = None
         self._failing_since: float | None = None  # heartbeats to the coordinator failing since then
@@ -221,42 +207,36 @@ class RunningNode:
         self._thread.start()
 
     def _fetcher(self):
-        stub = self._coordinator_stub()
-        return lambda request: stub.FetchShard(request, timeout=1800.0)
+        return self._coordinator().fetch
 
-    def _store_checkpoint(self, pieces) -> pb.CheckpointReply:
-        return self._coordinator_stub().StoreCheckpoint(pieces, timeout=300.0)
+    def _store_checkpoint(self, checkpoint: m.Checkpoint, blob: bytes) -> bool:
+        return self._coordinator().store_checkpoint(checkpoint, blob)
 
-    def _coordinator_stub(self) -> pbg.CoordinatorStub:
-        if self._stub is None:
+    def _coordinator(self) -> wire.CoordinatorLink:
+        if self._link is None:
             if self.coordinator_address is None:
                 found = discovery.find_coordinator(self.swarm, self.interfaces, timeout=5.0)
                 self.coordinator_address = found.address
                 log.info("found the coordinator of swarm %r at %s by mDNS", self.swarm, found.address)
-            self._channel = wire.channel(self.coordinator_address, self.key)
-            self._stub = pbg.CoordinatorStub(self._channel)
-        return self._stub
+            self._link = wire.CoordinatorLink(self.coordinator_address, self.key)
+        return self._link
 
     def _forget_coordinator(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._stub = self._channel = None
+        if self._link is not None:
+            self._link.close()
+        self._link = None
         self.coordinator_address = self._fixed_coordinator
         self.node_id = None
 
     def _join(self) -> None:
-        request = pb.JoinRequest(
-            name=self.name, host=self.host, port=self.port, step_port=self.step_port,
-            resources=resources(self.max_memory, self.threads, with_devices=True),
-            has_pin=self.pin is not None, version=__version__,
-        )
-        if self.pin is not None:
-            request.pin.CopyFrom(wire.span(self.pin))
-        reply = self._coordinator_stub().Join(request, timeout=10.0)
-        self.node_id = reply.node_id
-        self.heartbeat_s = reply.heartbeat_interval_s or 1.0
-        log.info("joined swarm %r at %s as %s (model %s)", self.swarm, self.coordinator_address, self.name,
-                 reply.model_name)
+        welcome = self._coordinator().join(m.JoinRequest(
+            name=self.name, port=self.port, step_port=self.step_port, host=self.host, pin=self.pin,
+            resources=resources(self.max_memory, self.threads, with_devices=True), version=__version__))
+        self.node_id = welcome.node_id
+        self.heartbeat_s = welcome.heartbeat_s or 1.0
+        named = f" as {welcome.name}" + (f" (another node is {self.name})" if welcome.name != self.name else "")
+        log.info("joined swarm %r at %s%s (model %s)", self.swarm, self.coordinator_address, named,
+                 welcome.model_name)
 
     def _membership_loop(self) -> None:
         failing_since = None
@@ -267,24 +247,19 @@ class RunningNode:
                         self._stop.wait(0.1)
                         continue
                     self._join()
-                reply = self._coordinator_stub().Heartbeat(
-                    pb.HeartbeatRequest(node_id=self.node_id, resources=resources(self.max_memory, self.threads)),
-                    timeout=3.0,
-                )
-                if not reply.known:
+                if not self._coordinator().heartbeat(self.node_id, resources(self.max_memory, self.threads)):
                     log.warning("the coordinator no longer knows this node; joining again")
                     self.node_id = None
                     continue
                 failing_since = self._failing_since = None
-            except grpc.RpcError as e:
-                err = wire.from_rpc(e, f"coordinator {self.coordinator_address}")
-                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
-                    log.error("%s", err)  # retrying cannot help; say so and stop
-                    self._stop.set()
-                    return
+            except (AuthError, BadInputError) as e:
+                log.error("%s", e)  # retrying cannot help; say so and stop
+                self._stop.set()
+                return
+            except PeerError as e:
                 if failing_since is None:
                     failing_since = self._failing_since = time.monotonic()
-                    log.warning("%s; retrying", err)
+                    log.warning("%s; retrying", e)
                 elif time.monotonic() - failing_since > 10.0 and self._fixed_coordinator is None:
                     self._forget_coordinator()  # it may have restarted elsewhere: look again
                     failing_since = None
@@ -300,41 +275,42 @@ class RunningNode:
         """Leave gracefully: the coordinator moves this node's sessions to a successor (their KV states
         shipped from here) and answers once they run there; this node keeps serving until then.
         Returns how many sessions moved."""
-        node_id, stub = self.node_id, self._stub
+        node_id, link = self.node_id, self._link
         self._leaving = True  # heartbeats go on while the sessions move, so a death meanwhile is noticed
-        if not node_id or stub is None:
+        if not node_id or link is None:
             self._stop.set()
             return 0
         if self._failing_since is not None:
             timeout = 3.0  # the coordinator has not answered lately: do not wait long for it
         try:
-            reply = stub.Leave(pb.LeaveRequest(node_id=node_id, graceful=True), timeout=timeout)
-        except grpc.RpcError as e:
-            log.warning("leaving: %s", wire.from_rpc(e, f"coordinator {self.coordinator_address}"))
+            farewell = link.leave(node_id, graceful=True, timeout=timeout)
+        except SwarmError as e:
+            log.warning("leaving: %s", e)
             return 0
         finally:
             self._stop.set()
-        if reply.detail:
-            log.warning("leaving: %s", reply.detail)
-        log.info("left the swarm; %d session(s) handed over", reply.migrated_sessions)
+        if farewell.detail:
+            log.warning("leaving: %s", farewell.detail)
+        log.info("left the swarm; %d session(s) handed over", farewell.migrated_sessions)
         self.node_id = None
-        return reply.migrated_sessions
+        return farewell.migrated_sessions
 
     def stop(self, grace: float = 1.0) -> None:
         """Leave the swarm at once (telling the coordinator) and shut down."""
         self._stop.set()
-        if self.node_id and self._stub is not None:
+        if self.node_id and self._link is not None:
             try:
-                self._stub.Leave(pb.LeaveRequest(node_id=self.node_id), timeout=2.0)
-            except grpc.RpcError:
+                self._link.leave(self.node_id, timeout=2.0)
+            except SwarmError:
                 pass
         self.server.stop(grace).wait()
+        self.step_server.close()
         self.service.close()
-        if self._channel is not None:
-            self._channel.close()
+        self._peers.close()
+        if self._link is not None:
+            self._link.close()
 
 
 def start_node(**kwargs) -> RunningNode:
     """Start a node that gives this machine's memory and compute to a swarm (see RunningNode)."""
     return RunningNode(**kwargs)
-

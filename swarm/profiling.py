@@ -17,22 +17,22 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import __version__, cache
-from ._proto import swarm_pb2 as pb
 from .gguf_file import read_gguf
+from .messages import ComputeProfile, Device, Link
 
 log = logging.getLogger(__name__)
 
 _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
 
-def devices() -> list[pb.Device]:
+def devices() -> list[Device]:
     """The devices this build of llama.cpp can use, with their memory (llama.cpp's device API)."""
     try:
         from .engine import _llama
@@ -58,20 +58,13 @@ def devices() -> list[pb.Device]:
             dev = lib.ggml_backend_dev_get(i)
             free, total = ctypes.c_size_t(), ctypes.c_size_t()
             lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-            out.append(pb.Device(name=(lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
-                                 type=_DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
-                                 memory_free=free.value, memory_total=total.value))
+            out.append(Device(name=(lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                              type=_DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
+                              memory_free=free.value, memory_total=total.value))
         return out
     except (OSError, AttributeError) as e:  # an unusual build: report no devices rather than fail to join
         log.debug("device list unavailable: %s", e)
         return []
-
-
-@dataclass(frozen=True)
-class ComputeProfile:
-    decode_s_per_byte: float
-    prefill_s_per_byte: float  # per prompt token
-    step_overhead_s: float
 
 
 def weight_bytes(path: Path) -> int:
@@ -154,23 +147,24 @@ def cached_compute(shard_ids: Sequence[str], threads: int, measure: Callable[[],
     return profile, False
 
 
-def measure_link(ping: Callable[[pb.PingRequest], object], hidden_bytes: int, count: int = 8,
-                 gap_s: float = 0.01, bulk_bytes: int = 1 << 20) -> tuple[float, float]:  # ~3 MiB sent in all
-    """(round-trip seconds with a hidden-state payload, bandwidth in bytes/s) of one link."""
-    small = pb.PingRequest(payload=bytes(hidden_bytes), reply_bytes=8)
-    ping(small)  # connect
+def measure_link(ping: Callable[[bytes, int], object], hidden_bytes: int, count: int = 8,
+                 gap_s: float = 0.01, bulk_bytes: int = 1 << 20) -> Link:  # ~3 MiB sent in all
+    """Round trip with a hidden-state payload and bandwidth in bytes/s of one link, over `ping(payload,
+    reply_bytes)` calls."""
+    small = bytes(hidden_bytes)
+    ping(small, 8)  # connect
     rtts = []
     for _ in range(count):
         time.sleep(gap_s)  # a pipeline peer has been idle while the other shards computed
         t = time.perf_counter()
-        ping(small)
+        ping(small, 8)
         rtts.append(time.perf_counter() - t)
     rtt = statistics.median(rtts)
-    big = pb.PingRequest(payload=bytes(bulk_bytes), reply_bytes=8)
+    big = bytes(bulk_bytes)
     bulk = []
     for _ in range(3):
         t = time.perf_counter()
-        ping(big)
+        ping(big, 8)
         bulk.append(time.perf_counter() - t)
     transfer = max(statistics.median(bulk) - rtt, 1e-6)
-    return rtt, bulk_bytes / transfer
+    return Link(rtt, bulk_bytes / transfer)

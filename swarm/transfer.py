@@ -18,11 +18,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import grpc
-
 from . import cache
-from ._proto import swarm_pb2 as pb
-from .errors import BadInputError, SwarmError
+from .errors import AuthError, BadInputError, NotReadyError, PeerError, SwarmError
+from .messages import ShardChunk, ShardSpec
 
 try:  # POSIX only: keeps two processes sharing a cache from writing the same .part at once
     import fcntl
@@ -37,17 +35,11 @@ FAULT_ENV = "SWARM_FAULT_CORRUPT_CHUNKS"
 # enough that one flaky chunk costs nothing noticeable. Tests lower it.
 RETRY_SLEEP_S = 0.2
 _MB = 1 << 20
-# Statuses that another attempt cannot fix (wrong key, unknown shard, offset past the coordinator's
+# Refusals that another attempt cannot fix (wrong key, unknown shard, offset past the coordinator's
 # file): retrying them would only delay the error.
-_PERMANENT = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.UNIMPLEMENTED,
-    grpc.StatusCode.OUT_OF_RANGE,
-})
+_PERMANENT = (AuthError, BadInputError, NotReadyError)
+# A fetch: (shard id, offset) -> the file's chunks from there; raises SwarmError when the call fails.
+Fetch = Callable[[str, int], Iterable[ShardChunk]]
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -59,7 +51,7 @@ class TransferError(SwarmError):
 
 
 def iter_chunks(path: Path, offset: int, chunk_size: int = CHUNK_SIZE,
-                corrupt_chunks: frozenset[int] = frozenset()) -> Iterator[pb.ShardChunk]:
+                corrupt_chunks: frozenset[int] = frozenset()) -> Iterator[ShardChunk]:
     """Server side: the file from `offset` in chunks, each with the sha256 of its data."""
     if chunk_size <= 0:
         raise BadInputError(f"chunk size must be positive, got {chunk_size}")
@@ -80,7 +72,7 @@ def iter_chunks(path: Path, offset: int, chunk_size: int = CHUNK_SIZE,
             if pos // chunk_size in corrupt_chunks:
                 # Flipped after hashing, so the chunk arrives with a checksum that does not match.
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
-            yield pb.ShardChunk(offset=pos, data=data, sha256=digest, file_size=size)
+            yield ShardChunk(offset=pos, data=data, sha256=digest, file_size=size)
             pos += len(data)
 
 
@@ -187,7 +179,7 @@ class Progress:
 # ---------------------------------------------------------------- client side
 
 
-def _check_spec(spec: pb.ShardSpec) -> None:
+def _check_spec(spec: ShardSpec) -> None:
     """Refuse a ShardSpec whose name or digest could not be used safely (it comes over the network)."""
     name = spec.file_name
     if (not name or "/" in name or "\\" in name or "\x00" in name or name.startswith(".")
@@ -229,14 +221,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _rpc_text(e: grpc.RpcError) -> str:
-    try:
-        return f"{e.code().name}: {e.details()}"
-    except Exception:
-        return str(e)
-
-
-def _chunk_problem(chunk: pb.ShardChunk, expected: int, size: int) -> str | None:
+def _chunk_problem(chunk: ShardChunk, expected: int, size: int) -> str | None:
     """Why `chunk` cannot be written at `expected` of a `size`-byte file, or None when it can."""
     if chunk.offset != expected:
         return f"chunk at offset {chunk.offset} arrived where offset {expected} was expected"
@@ -249,8 +234,8 @@ def _chunk_problem(chunk: pb.ShardChunk, expected: int, size: int) -> str | None
     return None
 
 
-def fetch_shard(fetch: Callable[[pb.FetchShardRequest], Iterable[pb.ShardChunk]], spec: pb.ShardSpec,
-                dest_dir: Path, progress: bool = True, max_retries: int = 5) -> tuple[Path, bool]:
+def fetch_shard(fetch: Fetch, spec: ShardSpec, dest_dir: Path, progress: bool = True,
+                max_retries: int = 5) -> tuple[Path, bool]:
     """Get spec's file into dest_dir/spec.file_name, verified by sha256; returns (path, whether bytes were transferred)."""
     _check_spec(spec)
     dest_dir = Path(dest_dir)
@@ -266,7 +251,7 @@ def fetch_shard(fetch: Callable[[pb.FetchShardRequest], Iterable[pb.ShardChunk]]
         return final, True
 
 
-def _download(fetch, spec: pb.ShardSpec, final: Path, progress: bool, max_retries: int) -> None:
+def _download(fetch: Fetch, spec: ShardSpec, final: Path, progress: bool, max_retries: int) -> None:
     """Fill the .part next to `final`, verify it whole, and rename it into place."""
     size = spec.size
     part = final.with_name(f".{final.name}.part")
@@ -294,7 +279,7 @@ def _download(fetch, spec: pb.ShardSpec, final: Path, progress: bool, max_retrie
                 stream = None
                 other_size = None
                 try:
-                    stream = fetch(pb.FetchShardRequest(shard_id=spec.shard_id, offset=done))
+                    stream = fetch(spec.shard_id, done)
                     for chunk in stream:
                         if chunk.file_size and chunk.file_size != size:
                             other_size = chunk.file_size
@@ -311,13 +296,13 @@ def _download(fetch, spec: pb.ShardSpec, final: Path, progress: bool, max_retrie
                     else:
                         if done < size:
                             problem = f"the stream ended at offset {done} of {size}"
-                except grpc.RpcError as e:
-                    if getattr(e, "code", None) and e.code() in _PERMANENT:
-                        raise TransferError(
-                            f"the coordinator refused to send shard {spec.shard_id!r} from offset {done} "
-                            f"({_rpc_text(e)}); check that the node uses the swarm's key and the "
-                            f"coordinator still serves this model") from e
-                    problem = f"the stream broke at offset {done} ({_rpc_text(e)})"
+                except _PERMANENT as e:
+                    raise TransferError(
+                        f"the coordinator refused to send shard {spec.shard_id!r} from offset {done} "
+                        f"({e}); check that the node uses the swarm's key and the "
+                        f"coordinator still serves this model") from e
+                except PeerError as e:
+                    problem = f"the stream broke at offset {done} ({e})"
                 finally:
                     # Stop the server sending the rest of a stream we no longer read (a no-op once it ended).
                     cancel = getattr(stream, "cancel", None)

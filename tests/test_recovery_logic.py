@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from swarm import failover
-from swarm.errors import KVStateError
+from swarm.errors import BadInputError, KVStateError
+from swarm.layers import LayerRange
 from swarm.failover import Candidate, Recovery, backoff_s, choose_successor, should_checkpoint
-from swarm.kept import KeptStep, OutputLog
+from swarm.messages import KeptStep
+from swarm.node.kept import OutputLog
 from swarm.sampling import Sampler, SamplingParams
 
 
@@ -124,16 +126,17 @@ def test_a_step_observed_twice_counts_once_for_the_repeat_penalty():
 
 
 def test_kv_states_cross_the_wire_in_pieces_and_come_back_whole():
-    from swarm import wire
-    from swarm._proto import swarm_pb2 as pb
+    from swarm import messages as m
+    from swarm.wire import convert as cv
 
-    blob = bytes(range(256)) * (3 * wire.KV_PIECE // 256 + 7)
-    kept = [pb.KeptStep(start=i, tokens=[i], hidden=bytes(wire.KV_PIECE // 2)) for i in range(3)]
-    first = pb.ImportKVRequest(session_id="s", keep_from=4, epoch=2)
-    pieces = list(wire.kv_pieces(first, blob, kept))
-    assert len(pieces) == 4 + 2 and all(len(p.kv) <= wire.KV_PIECE for p in pieces)
-    got, whole = wire.join_kv_pieces(iter(pieces))
-    assert whole == blob and (got.session_id, got.keep_from, got.epoch) == ("s", 4, 2)
-    assert [k.start for k in got.kept] == [0, 1, 2]
-    empty, nothing = wire.join_kv_pieces(wire.kv_pieces(pb.Checkpoint(session_id="c", positions=0), b""))
-    assert (empty.session_id, nothing) == ("c", b"")
+    blob = bytes(range(256)) * (3 * cv.KV_PIECE // 256 + 7)
+    kept = tuple(m.KeptStep(i, (i,), bytes(cv.KV_PIECE // 2)) for i in range(3))
+    state = m.ImportState("s", LayerRange(6, 12), keep_from=4, epoch=2, kept=kept)
+    pieces = list(cv.import_pieces(state, blob))
+    assert len(pieces) == 4 + 2 and all(len(p.kv) <= cv.KV_PIECE for p in pieces)
+    got, whole = cv.import_of(iter(pieces))
+    assert whole == blob and got == state
+    empty, nothing = cv.checkpoint_of(cv.checkpoint_pieces(m.Checkpoint("c", LayerRange(0, 6), 0), b""))
+    assert (empty.session, nothing) == ("c", b"")
+    with pytest.raises(BadInputError, match="at least one message"):
+        cv.checkpoint_of(iter([]))

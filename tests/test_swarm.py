@@ -21,11 +21,14 @@ import pytest
 
 from conftest import N_TOKENS, PROMPTS
 from procs import Proc, Swarm, free_port
-from swarm import steps, wire
+from swarm import messages as m
+from swarm import wire
 from swarm._proto import swarm_pb2 as pb
 from swarm._proto import swarm_pb2_grpc as pbg
 from swarm.client import SwarmClient
 from swarm.errors import AuthError, BadInputError
+from swarm.layers import LayerRange
+from swarm.wire import steps
 from swarm.slicing import shard_info
 
 KEY = "test-key-123"
@@ -267,8 +270,12 @@ def test_malformed_requests_get_invalid_argument_and_the_node_keeps_serving(thre
     with SwarmClient(three.address, key=KEY) as c:
         with pytest.raises(BadInputError, match="empty"):
             c.complete("", max_tokens=2)
-        with pytest.raises(BadInputError, match="top_p"):
-            list(c._start(pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=1.0, top_p=1.5))))
+        with pytest.raises(BadInputError, match="top_p"):  # the client checks it, and so does the coordinator:
+            c.complete("hi", temperature=1.0, top_p=1.5)
+        with wire.channel(three.address, KEY) as ch:
+            code, text = _code(lambda: list(pbg.CoordinatorStub(ch).Generate(pb.GenerateRequest(
+                prompt="hi", sampling=pb.Sampling(temperature=1.0, top_p=1.5)), timeout=10)))
+            assert code == invalid and "top_p" in text
         with pytest.raises(BadInputError, match="a session holds 512"):
             c.complete("word " * 600, max_tokens=2)
         with pytest.raises(BadInputError, match="role"):
@@ -282,25 +289,19 @@ def test_step_stream_refuses_bad_keys_and_malformed_steps_and_the_node_keeps_ser
     node = _node(three, "6:12")
     address = node["step_address"]
     assert address and address != node["address"]
-    span = pb.LayerSpan(start=6, end=12)
+    span = LayerRange(6, 12)
     row = np.zeros((1, 640), np.float32).tobytes()
-    with pytest.raises(steps.StepError) as e:
-        steps.StepLinks("not-the-key").call(address, pb.ForwardRequest(session_id="x"), timeout=10).result()
-    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "wrong swarm key" in e.value.details()
+    with pytest.raises(AuthError, match="wrong swarm key"):
+        steps.StepLinks("not-the-key").call(address, m.Step("x", 0, (1,), span), timeout=10).result()
     links = steps.StepLinks(KEY)
-    for request, text in (
-        (pb.ForwardRequest(session_id="no-such", start=0, n_positions=1, tokens=[1], hidden=row, layers=span),
-         "unknown session"),
-        (pb.ForwardRequest(session_id="x", start=0, n_positions=1, tokens=[1], hidden=row[:-4], layers=span),
-         "hidden-state size"),
-        (pb.ForwardRequest(session_id="x", start=0, n_positions=1, tokens=[1], hidden=row, layers=span,
-                           next=[pb.Hop(address="127.0.0.1:1", layers=pb.LayerSpan(start=12, end=18))]),
-         "no step address"),
+    for step, text in (
+        (m.Step("no-such", 0, (1,), span, row), "unknown session"),
+        (m.Step("x", 0, (1,), span, row[:-4]), "hidden-state size"),
+        (m.Step("x", 0, (1,), span, row, next=(m.Hop("127.0.0.1:1", LayerRange(12, 18)),)), "no step address"),
     ):
-        with pytest.raises(steps.StepError) as e:
-            links.call(address, request, timeout=10).result()
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in e.value.details()
-    with socket.create_connection(steps.split_address(address), timeout=10) as c:
+        with pytest.raises(BadInputError, match=text):  # INVALID_ARGUMENT
+            links.call(address, step, timeout=10).result()
+    with socket.create_connection(wire.split_address(address), timeout=10) as c:
         c.sendall(struct.pack("<8sH", steps.MAGIC, len(KEY)) + KEY.encode() + struct.pack("<IB", 1 << 30, 1))
         assert b"over the limit" in c.recv(4096)
     links.close()

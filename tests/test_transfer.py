@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -13,10 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from swarm import transfer
-from swarm._proto import swarm_pb2 as pb
+from swarm import transfer, wire
 from swarm._proto import swarm_pb2_grpc as pbg
 from swarm.errors import BadInputError
+from swarm.layers import LayerRange
+from swarm.messages import ShardSpec
+from swarm.wire.convert import chunk_pb
 from swarm.transfer import (
     Progress,
     TransferError,
@@ -53,7 +56,7 @@ class Servicer(pbg.CoordinatorServicer):
         for sent, chunk in enumerate(iter_chunks(self.path, request.offset, CHUNK, corrupt)):
             if first and self.abort_after_first is not None and sent == self.abort_after_first:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator going away (test)")
-            yield chunk
+            yield chunk_pb(chunk)
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +77,7 @@ def source(tmp_path) -> tuple[Path, bytes]:
 
 @pytest.fixture
 def serve():
-    """Start a real gRPC server for a servicer; returns a FetchShard callable."""
+    """Start a real gRPC server for a servicer; returns the fetch a node uses (the wire's, over gRPC)."""
     servers, channels = [], []
 
     def start(servicer):
@@ -82,10 +85,10 @@ def serve():
         pbg.add_CoordinatorServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        link = wire.CoordinatorLink(f"127.0.0.1:{port}", "test-key")
         servers.append(server)
-        channels.append(channel)
-        return pbg.CoordinatorStub(channel).FetchShard
+        channels.append(link)
+        return link.fetch
 
     yield start
     for channel in channels:
@@ -94,8 +97,8 @@ def serve():
         server.stop(None)
 
 
-def spec_for(data: bytes, name: str = NAME) -> pb.ShardSpec:
-    return pb.ShardSpec(shard_id="s0", file_name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+def spec_for(data: bytes, name: str = NAME) -> ShardSpec:
+    return ShardSpec("s0", name, len(data), hashlib.sha256(data).hexdigest(), LayerRange(0, 4), 4)
 
 
 def no_leftovers(dest: Path) -> bool:
@@ -173,8 +176,7 @@ def test_coordinator_file_of_another_size(source, serve, tmp_path):
 def test_wrong_whole_file_sha(source, serve, tmp_path):
     path, data = source
     dest = tmp_path / "shards"
-    spec = spec_for(data)
-    spec.sha256 = hashlib.sha256(b"other bytes").hexdigest()
+    spec = dataclasses.replace(spec_for(data), sha256=hashlib.sha256(b"other bytes").hexdigest())
     with pytest.raises(TransferError, match="sha256.*assign the shard again"):
         fetch_shard(serve(Servicer(path)), spec, dest, progress=False)
     assert not (dest / NAME).exists()
@@ -183,7 +185,7 @@ def test_wrong_whole_file_sha(source, serve, tmp_path):
 
 @pytest.mark.parametrize("name", ["../x.gguf", "a/b.gguf", ".hidden.gguf", "x.txt", "", "..", "a\\b.gguf"])
 def test_bad_file_names_refused(name, tmp_path):
-    def fetch(request):  # must never be reached
+    def fetch(shard_id, offset):  # must never be reached
         raise AssertionError("fetched despite a bad name")
 
     with pytest.raises(BadInputError, match="plain file name"):

@@ -6,8 +6,9 @@ server's poller, a handler thread, the poller again for the message, the client'
 on a machine whose cores are busy computing, each wake-up costs a scheduling delay. Here the thread that
 serves a connection sleeps in the kernel until the request arrives, and the caller's thread sleeps in
 the kernel until the reply does: one wake-up on each side. The messages are the protocol's own
-`ForwardRequest` and `ForwardReply`; errors carry gRPC status codes, so callers handle both paths alike
-(`StepError` is a `grpc.RpcError`).
+`ForwardRequest` and `ForwardReply`; errors carry gRPC status codes (`codes.py`), and a caller gets them
+back as the swarm errors they stand for, as from a gRPC call. Handlers and callers speak
+`messages.Step` and `messages.StepResult`.
 
 A connection opens with a hello, then carries one step at a time, each answered before the next:
 
@@ -17,8 +18,9 @@ A connection opens with a hello, then carries one step at a time, each answered 
             kind 2: ForwardReply      (node -> caller)
             kind 3: error             (node -> caller): u8 gRPC status code, UTF-8 message
 
-A caller cancels a step by closing its connection; the node notices while it waits on the next hop,
-closes that connection too, and rolls its step back. A wrong key, a frame over `wire.MAX_MESSAGE`, or
+A caller cancels a step by closing its connection; the node notices while it waits on the next hop
+(the step it sent on watches the connection it came from), closes that connection too, and rolls its
+step back. A wrong key, a frame over `MAX_MESSAGE`, or
 an unknown kind gets an error frame and the connection closed; a request that does not parse gets an
 error frame and the connection stays usable. The node keeps serving every other connection.
 """
@@ -37,9 +39,12 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from . import wire
-from ._proto import swarm_pb2 as pb
-from .errors import BadInputError
+from .. import messages as m
+from .._proto import swarm_pb2 as pb
+from ..errors import BadInputError, CancelledError, SwarmError
+from .channels import MAX_MESSAGE, NO_KEY, WRONG_KEY, split_address
+from .codes import from_rpc, status_for
+from .convert import step_of, step_pb, step_result_of, step_result_pb
 
 MAGIC = b"SWSTEP1\0"
 REQUEST, REPLY, ERROR = 1, 2, 3
@@ -63,11 +68,6 @@ class StepError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = wire.check_address(address).rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -105,7 +105,9 @@ def _parse_error(payload: bytes) -> StepError:
 
 
 class StepContext:
-    """The caller of a step being served: gone once its connection has closed (it cancelled)."""
+    """The caller of a step being served: gone once its connection has closed (it cancelled).
+
+    Pass it as `caller` to a step sent on, so that the caller's going away cancels that one too."""
 
     def __init__(self, conn: socket.socket):
         self._conn = conn
@@ -126,7 +128,7 @@ class StepServer:
     """Listens for step connections and serves each one on a thread of its own.
 
     Bound on construction (so its port can be announced before serving starts); `start` begins
-    serving with `handler(request, context) -> ForwardReply`.
+    serving with `handler(step, context) -> StepResult`.
     """
 
     def __init__(self, host: str, port: int, key: str):
@@ -139,12 +141,12 @@ class StepServer:
                 f"cannot listen for steps on {host}:{port} ({e.strerror or e}); pick another port with --step-port"
             ) from None
         self.port = self._sock.getsockname()[1]
-        self._handler: Callable[[pb.ForwardRequest, StepContext], pb.ForwardReply] | None = None
+        self._handler: Callable[[m.Step, StepContext], m.StepResult] | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
 
-    def start(self, handler: Callable[[pb.ForwardRequest, StepContext], pb.ForwardReply]) -> None:
+    def start(self, handler: Callable[[m.Step, StepContext], m.StepResult]) -> None:
         self._handler = handler
         threading.Thread(target=self._accept_loop, name="steps", daemon=True).start()
 
@@ -205,12 +207,7 @@ class StepServer:
             return False
         given = _recv_exact(conn, n)
         if not hmac.compare_digest(given, self._key):
-            conn.sendall(_error_frame(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "this swarm needs its key: pass --key KEY or set SWARM_KEY (the coordinator printed it when it started)"
-                if not n else
-                "wrong swarm key: this peer belongs to a swarm with another key; pass the key its coordinator printed",
-            ))
+            conn.sendall(_error_frame(grpc.StatusCode.UNAUTHENTICATED, WRONG_KEY if n else NO_KEY))
             return False
         conn.settimeout(None)
         return True
@@ -223,9 +220,9 @@ class StepServer:
                 conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT,
                                           f"frame kind {kind} is not a step request (kind {REQUEST})"))
                 return
-            if n > wire.MAX_MESSAGE:
+            if n > MAX_MESSAGE:
                 conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT,
-                                          f"a step of {n} bytes is over the limit of {wire.MAX_MESSAGE}; send the "
+                                          f"a step of {n} bytes is over the limit of {MAX_MESSAGE}; send the "
                                           "prompt in smaller batches"))
                 return
             payload = _recv_exact(conn, n)
@@ -236,9 +233,9 @@ class StepServer:
                                           f"a step request of {n} bytes is not a ForwardRequest message"))
                 continue
             try:
-                out = _frame(REPLY, self._handler(request, context).SerializeToString())
+                out = _frame(REPLY, step_result_pb(self._handler(step_of(request), context)).SerializeToString())
             except Exception as e:
-                out = _error_frame(*wire.status_for(e, "step"))
+                out = _error_frame(*status_for(e, "step"))
             # A caller that cancelled has closed its end: this reply is never read, and the next read
             # here ends the connection.
             conn.sendall(out)
@@ -250,8 +247,10 @@ class StepServer:
 class StepCall:
     """One step sent on its way: `result()` waits for the reply, `cancel()` stops waiting (any thread)."""
 
-    def __init__(self, links: "StepLinks", address: str, conn: socket.socket, deadline: float):
+    def __init__(self, links: "StepLinks", address: str, conn: socket.socket, deadline: float, where: str,
+                 watch: StepContext | None):
         self._links, self._address, self._conn, self._deadline = links, address, conn, deadline
+        self._where, self._watch = where, watch
         self._lock = threading.Lock()
         self._state = "running"  # then: done, cancelled
 
@@ -264,12 +263,16 @@ class StepCall:
             self._conn.shutdown(socket.SHUT_RDWR)  # wakes the thread waiting in result()
         return True
 
-    def result(self, watch: StepContext | None = None) -> pb.ForwardReply:
-        """The reply; StepError when the step failed, grpc.FutureCancelledError when cancelled.
+    def result(self) -> m.StepResult:
+        """The reply; the swarm error the far side answered with, PeerError when the step got no answer,
+        CancelledError when it was cancelled (here, or by the caller it continues)."""
+        try:
+            return self._wait()
+        except StepError as e:
+            raise from_rpc(e, self._where) from None
 
-        With `watch` (the step this one continues), a caller of that step that goes away cancels this one.
-        """
-        conn = self._conn
+    def _wait(self) -> m.StepResult:
+        conn, watch = self._conn, self._watch
         poller = select.poll()
         poller.register(conn, select.POLLIN)
         if watch is not None:
@@ -289,7 +292,7 @@ class StepCall:
                 if events:
                     conn.settimeout(max(self._deadline - time.monotonic(), 1e-3))  # a reply cut short
                     kind, n = _read_frame(conn)
-                    if kind not in (REPLY, ERROR) or n > wire.MAX_MESSAGE:
+                    if kind not in (REPLY, ERROR) or n > MAX_MESSAGE:
                         self._end()
                         raise StepError(grpc.StatusCode.INTERNAL, f"the node answered a step with frame kind {kind}")
                     payload = _recv_exact(conn, n)
@@ -303,17 +306,17 @@ class StepCall:
                         raise _parse_error(payload)
                     self._links._release(self._address, conn)
                     try:
-                        return pb.ForwardReply.FromString(payload)
-                    except DecodeError:
+                        return step_result_of(pb.ForwardReply.FromString(payload))
+                    except (DecodeError, SwarmError):
                         raise StepError(grpc.StatusCode.INTERNAL, "the node's reply is not a ForwardReply") from None
         except (OSError, EOFError) as e:
             cancelled = self._state == "cancelled"
             self._end()
             if cancelled:
-                raise grpc.FutureCancelledError() from None
+                raise CancelledError(f"the step to {self._where} was cancelled") from None
             raise StepError(grpc.StatusCode.UNAVAILABLE, f"the step connection to {self._address} broke: {e}") from None
         self._end()
-        raise grpc.FutureCancelledError()
+        raise CancelledError(f"the step to {self._where} was cancelled")
 
     def _end(self) -> None:
         with self._lock:
@@ -330,11 +333,15 @@ class StepLinks:
         self._idle: dict[str, list[socket.socket]] = {}
         self._lock = threading.Lock()
 
-    def call(self, address: str, request: pb.ForwardRequest, timeout: float) -> StepCall:
-        """Send one step to the node whose step stream listens at `address`."""
-        payload = request.SerializeToString()
-        if len(payload) > wire.MAX_MESSAGE:
-            raise BadInputError(f"a step of {len(payload)} bytes is over the limit of {wire.MAX_MESSAGE}")
+    def call(self, address: str, step: m.Step, timeout: float, caller=None, where: str = "") -> StepCall:
+        """Send one step to the node whose step stream listens at `address`.
+
+        `caller`: the context of the step this one continues (a StepContext, or a gRPC call's context):
+        when that caller goes away, this step is cancelled too. `where` names the node in errors."""
+        where = where or f"the node at {address}"
+        payload = step_pb(step).SerializeToString()
+        if len(payload) > MAX_MESSAGE:
+            raise BadInputError(f"a step of {len(payload)} bytes is over the limit of {MAX_MESSAGE}")
         deadline = time.monotonic() + timeout
         with self._lock:
             idle = self._idle.get(address)
@@ -347,16 +354,21 @@ class StepLinks:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError as e:
-                raise StepError(grpc.StatusCode.UNAVAILABLE,
-                                f"cannot reach the step stream at {address}: {e.strerror or e}") from None
+                raise from_rpc(StepError(grpc.StatusCode.UNAVAILABLE,
+                                         f"cannot reach the step stream at {address}: {e.strerror or e}"),
+                               where) from None
             head = self._hello
         try:
             conn.sendall(head + _frame(REQUEST, payload))
         except OSError as e:
             conn.close()
-            raise StepError(grpc.StatusCode.UNAVAILABLE,
-                            f"the step connection to {address} broke: {e.strerror or e}") from None
-        return StepCall(self, address, conn, deadline)
+            raise from_rpc(StepError(grpc.StatusCode.UNAVAILABLE,
+                                     f"the step connection to {address} broke: {e.strerror or e}"), where) from None
+        watch = caller if isinstance(caller, StepContext) else None
+        call = StepCall(self, address, conn, deadline, where, watch)
+        if caller is not None and watch is None and not caller.add_callback(call.cancel):
+            call.cancel()  # a gRPC caller that has already gone
+        return call
 
     def _release(self, address: str, conn: socket.socket) -> None:
         with self._lock:

@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
 
-from .errors import KVStateError
+from ..errors import KVStateError
+from ..messages import KeptStep
 
 # A session whose kept outputs outgrow this (its next hop never checkpointed: the coordinator is
 # unreachable) loses its oldest steps; recovering that hop then recomputes from the tokens instead.
 SESSION_BUDGET = 256 << 20
-
-
-@dataclass(frozen=True)
-class KeptStep:
-    start: int
-    tokens: tuple[int, ...]
-    hidden: bytes
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.tokens)
 
 
 class OutputLog:
