@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import logging
 import shlex
 import sys
@@ -129,7 +130,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     import socket
     import threading
 
-    from . import join
+    from . import join, shardcache
     from .cache import local_key
     from .models import resolve_model
 
@@ -138,6 +139,10 @@ def cmd_join(args: argparse.Namespace) -> int:
     leave_after_s = join.parse_duration(args.leave_after) if args.leave_after else None
     if leave_after_s and args.model:
         raise BadInputError("--leave-after is for nodes; the coordinator holds the model and cannot hand it over")
+    if args.cache_limit is not None:
+        shardcache.parse_limit(args.cache_limit)  # refused here, before anything starts
+        os.environ[shardcache.LIMIT_ENV] = args.cache_limit  # what every eviction in this process reads
+    shardcache.limit_from_env_or_default()  # a bad $SWARM_CACHE_LIMIT too
     key = args.key or os.environ.get("SWARM_KEY")
     name = args.name or socket.gethostname()
     stop = threading.Event()
@@ -195,6 +200,106 @@ def cmd_join(args: argparse.Namespace) -> int:
     node.leave()
     node.stop()
     return 0
+
+
+def _cache_limit(args: argparse.Namespace) -> tuple[int | None, str]:
+    """The shard cache's cap for `swarm cache`, and where it comes from."""
+    import os
+
+    from . import shardcache
+
+    if args.cache_limit is not None:
+        return shardcache.parse_limit(args.cache_limit), "--cache-limit"
+    if os.environ.get(shardcache.LIMIT_ENV, "").strip():
+        return shardcache.limit_from_env_or_default(), f"${shardcache.LIMIT_ENV}"
+    return shardcache.default_limit(), "default: 20 GB, or half the space the cache could take on a smaller disk"
+
+
+def _age(text: str) -> float:
+    """'7d', '12h', '1d12h', '90m' -> seconds."""
+    import re
+
+    from .join import parse_duration
+
+    days = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*d\s*(.*)", text, re.IGNORECASE)
+    try:
+        rest = days[2] if days else text
+        seconds = (float(days[1]) * 86400 if days else 0.0) + (parse_duration(rest) if rest.strip() else 0.0)
+    except BadInputError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise BadInputError(f"cannot read --older-than {text!r}; write a positive age like 7d, 12h or 1d12h")
+    return seconds
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import shardcache
+
+    if args.action == "list" and (args.all or args.older_than or args.dry_run):
+        raise BadInputError("--all, --older-than and --dry-run are for `swarm cache prune`")
+    limit, source = _cache_limit(args)
+    cap = f"a {shardcache.human(limit)} cap ({source})" if limit is not None else f"no cap ({source})"
+    head = {"dir": str(shardcache.shards_dir()), "limit": limit, "limit_source": source}
+    if args.action == "list":
+        return _cache_list(args, head, limit, cap)
+    if limit is None and not args.all and not args.older_than:
+        raise BadInputError(f"the shard cache has no cap ({source}), so there is nothing to prune it down to; "
+                            "use --all, --older-than AGE or --cache-limit SIZE")
+    older_than = _age(args.older_than) if args.older_than else None
+    result = shardcache.evict(0 if args.all else limit, older_than=older_than, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({**head, "total": result.total, "dry_run": args.dry_run,
+                          "removed": [_cache_record(e) for e in result.removed],
+                          "in_use": [_cache_record(e) for e in result.in_use]}, indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for e in result.removed:
+        print(f"{verb} {e.name} ({shardcache.human(e.size)}, last used {_when(e.last_used)})")
+    for e in result.in_use:
+        print(f"kept {e.name} ({shardcache.human(e.size)}): in use by a running node")
+    freed = shardcache.human(sum(e.size for e in result.removed))
+    print(f"{verb} {len(result.removed)} file(s) ({freed}); {shardcache.human(result.total)} left, {cap}")
+    if result.over:
+        print("still over the cap: the rest is in use; stop the nodes that use it, or raise --cache-limit")
+    return 0
+
+
+def _cache_list(args: argparse.Namespace, head: dict, limit: int | None, cap: str) -> int:
+    from . import shardcache
+
+    found = shardcache.entries()[::-1]  # most recently used first
+    total = sum(e.size for e in found)
+    records = [_cache_record(e) for e in found]
+    if args.json:
+        print(json.dumps({**head, "total": total, "shards": records}, indent=2))
+        return 0
+    print(f"shard cache {head['dir']}: {len(found)} file(s), {shardcache.human(total)} of {cap}")
+    rows = [("NAME", "MODEL", "LAYERS", "SIZE", "LAST USED", "")]
+    for r in records:
+        layers = f"{r['layers'][0]}:{r['layers'][1]}" if r["layers"] else "?"
+        layers += f" of {r['n_layer_total']}" if r["n_layer_total"] else ""
+        model = f"{r['model']} ({r['arch']})" if r["model"] else r["arch"] or "?"
+        state = ("downloading" if r["in_use"] else "partial download") if r["partial"] else (
+            "in use" if r["in_use"] else "")
+        rows.append((r["name"], model, layers, shardcache.human(r["size"]), _when(r["last_used_unix"]), state))
+    if len(rows) > 1:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    if limit is not None and total > limit:
+        print("over the cap: `swarm cache prune` removes the least recently used shards that no node uses")
+    return 0
+
+
+def _cache_record(e) -> dict:
+    from .shardcache import describe
+
+    return {"name": e.name, "path": str(e.path), "size": e.size, "last_used_unix": e.last_used, "in_use": e.in_use,
+            "partial": e.partial, **describe(e)}
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def _stream(gen, args: argparse.Namespace) -> None:
@@ -365,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="coordinator: keep no states for recovery; a node that fails ends its sessions")
     join.add_argument("--leave-after", default=None, metavar="DURATION",
                       help="leave gracefully after this long, e.g. 11h30m for a notebook session (nodes)")
+    _add_cache_limit(join)
     join.set_defaults(func=cmd_join)
 
     gen = sub.add_parser("generate", help="raw completion of a text through the swarm, streamed")
@@ -414,7 +520,25 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model or shard file")
     _add_model(info)
     info.set_defaults(func=cmd_info)
+
+    cached = sub.add_parser("cache", help="list the cached shard files (`list`, the default) or evict them (`prune`)")
+    cached.add_argument("action", nargs="?", choices=["list", "prune"], default="list",
+                        help="list (the default): the shard files, the total and the cap; prune: evict down to the cap")
+    cached.add_argument("--all", action="store_true", help="prune: every shard file no running node uses")
+    cached.add_argument("--older-than", default=None, metavar="AGE",
+                        help="prune: also every shard file not used for this long, e.g. 7d or 12h")
+    cached.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")
+    cached.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_cache_limit(cached)
+    cached.set_defaults(func=cmd_cache)
     return parser
+
+
+def _add_cache_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-limit", default=None, metavar="SIZE",
+                   help="the most disk the shard cache may take, e.g. 20GB; `none` or 0: no cap (default: "
+                        "$SWARM_CACHE_LIMIT, else 20GB, or half the space the cache could take on a smaller disk); "
+                        "the least recently used shards go first, shards in use never")
 
 
 def _add_chat(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 import grpc
 
-from . import placement, planner, wire
+from . import placement, planner, shardcache, wire
 from .cache import file_digest
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
@@ -217,6 +217,7 @@ class Coordinator:
         self._state, self._detail = "planning", "planning placement"
         self._dirty = True
         self._files: dict[str, Path] = {}
+        self._held: dict[str, shardcache.Hold] = {}  # the files in _files: offered, so never evicted
         self._shard_ids: dict[LayerRange, str] = {}  # the shard file cut for each range
         self._sessions: dict[str, _Session] = {}
         self._slots = threading.Semaphore(max_sessions)
@@ -467,12 +468,14 @@ class Coordinator:
     def _shard_spec(self, layers: LayerRange) -> pb.ShardSpec:
         """Cut (or reuse) the shard of `layers` and offer its file for FetchShard."""
         shard = slice_model(self.model_path, layers)
+        held = shardcache.hold(shard.path)  # nodes fetch it from here: not evicted while this coordinator runs
         spec = pb.ShardSpec(
             shard_id=shard.shard_id, file_name=shard.path.name, size=shard.path.stat().st_size,
             sha256=file_digest(shard.path), layers=wire.span(layers), n_layer_total=self.n_layer,
         )
         with self._cond:
             self._files[spec.shard_id] = shard.path
+            self._held[spec.shard_id] = held  # an earlier hold of the same file is released as it is dropped
             self._shard_ids[layers] = spec.shard_id
         return spec
 
@@ -1250,6 +1253,8 @@ class Coordinator:
             ch.close()
         self.local.close()
         self.tokenizer.close()
+        for held in self._held.values():
+            held.release()
 
 
 _KEEP_NOTHING = (1 << 32) - 1  # keep_from beyond any position: a node keeps no outputs

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import grpc
 
-from . import cache, steps, wire
+from . import cache, shardcache, steps, wire
 from ._proto import swarm_pb2 as pb
 from ._proto import swarm_pb2_grpc as pbg
 from .engine import KVBase, Shard
@@ -223,8 +223,11 @@ class NodeService(pbg.NodeServicer):
         dest = self._shard_dir or cache.subdir("shards")
 
         def measure():  # only when the cache has no answer: fetching the slices is the slow part
-            paths = [fetch_shard(self._fetcher(), spec, dest, progress=False)[0] for spec in request.shards]
-            return measure_compute(paths, self._threads, steps, tokens)
+            with contextlib.ExitStack() as held:
+                fetched = (fetch_shard(self._fetcher(), spec, dest, progress=False)[0] for spec in request.shards)
+                # A generator: each slice is held before the next fetch, whose eviction could take it.
+                paths = [held.enter_context(shardcache.hold(path)) for path in fetched]
+                return measure_compute(paths, self._threads, steps, tokens)
 
         with self._assign_lock:  # one measurement at a time, and not while a shard is being loaded
             profile, cached = cached_compute(
