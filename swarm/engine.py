@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import kvstate
+from . import kvstate, shardcache
 from ._capture import HiddenCapture
 from .errors import (
     BadInputError, ContextFullError, EngineError, KVStateError, ModelFileError, UnsupportedModelError,
@@ -346,6 +346,7 @@ class Shard:
             )
         self.info: ShardFile = shard_info(path)  # validates the file before llama.cpp sees it
         self.path = self.info.path
+        self._held = shardcache.hold(self.path)  # no eviction from the shard cache while it is loaded
         self.layers: LayerRange = self.info.layers
         self.role: ShardRole = self.info.role
         self.n_ctx = n_ctx
@@ -690,6 +691,8 @@ class Shard:
             if getattr(self, "_model", None):
                 self._llama.llama_model_free(self._model)
                 self._model = None
+            if getattr(self, "_held", None):
+                self._held.release()
 
     def __enter__(self) -> "Shard":
         return self

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gguf.constants import GGUFValueType
 
-from . import cache
+from . import cache, shardcache
 from .errors import ModelFileError, UnsupportedModelError
 from .gguf_file import GGUFFile, KV, TensorSource, encode_kv, read_gguf, write_gguf
 from .layers import LayerRange, ShardRole
@@ -285,6 +285,7 @@ def slice_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{model.arch}-{sid[:16]}-L{layers.start}-{layers.end}.gguf"
     if target.exists():
+        shardcache.touch(target)  # a reuse counts as a use for the cache's eviction order
         return ShardFile(target, layers, n_layer, role, sid, extra)
     blobs = _metadata(model, rules, layers, n_layer, role, sid, extra)
     tensors = _tensors(model, layers, role, extra)
@@ -292,10 +293,12 @@ def slice_model(
     log.info("slicing layers %s of %s into %s", layers, model.path.name, target.name)
     try:
         with open(model.path, "rb") as src, open(tmp, "wb") as dst:
+            shardcache.mark_writing(dst)  # a prune meanwhile must not take it for a dead slicer's
             write_gguf(dst, src, blobs, tensors, model.alignment)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    shardcache.after_write(target)  # keep the cache under its cap; never evicts `target`
     return ShardFile(target, layers, n_layer, role, sid, extra)
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from . import cache
+from . import cache, shardcache
 from .errors import AuthError, BadInputError, NotReadyError, PeerError, SwarmError
 from .messages import ShardChunk, ShardSpec
 
@@ -244,11 +244,13 @@ def fetch_shard(fetch: Fetch, spec: ShardSpec, dest_dir: Path, progress: bool = 
     with _exclusive(dest_dir, spec.file_name):
         # Checked under the lock: another fetcher may just have finished this very file.
         if final.is_file() and final.stat().st_size == spec.size and cache.file_digest(final) == spec.sha256:
+            shardcache.touch(final)  # a reuse counts as a use for the cache's eviction order
             return final, False
         if final.exists():
             log.info("%s is present but is not the shard the coordinator assigned; fetching it again", final.name)
         _download(fetch, spec, final, progress, max_retries)
-        return final, True
+    shardcache.after_write(final)  # keep the cache under its cap; never evicts `final`
+    return final, True
 
 
 def _download(fetch: Fetch, spec: ShardSpec, final: Path, progress: bool, max_retries: int) -> None:

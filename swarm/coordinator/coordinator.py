@@ -187,4 +187,5 @@ class Coordinator:
         self.placement.stop()
         self.peers.close()
         self.local.close()
+        self.files.close()
         self.tokenizer.close()

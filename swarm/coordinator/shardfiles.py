@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import messages as m
+from .. import shardcache
 from ..cache import file_digest
 from ..errors import BadInputError
 from ..layers import LayerRange
@@ -22,16 +23,21 @@ class ShardFiles:
         self._lock = threading.Lock()
         self._files: dict[str, Path] = {}
         self._ids: dict[LayerRange, str] = {}  # the shard file cut for each range
+        self._held: dict[str, shardcache.Hold] = {}  # the files offered: never evicted while offered
         self._faults = fault_chunks_from_env()
 
     def spec(self, layers: LayerRange) -> m.ShardSpec:
         """The shard of `layers`, cut on first use, offered for fetching from then on."""
         shard = slice_model(self.model_path, layers)
+        held = shardcache.hold(shard.path)  # nodes fetch it from here: not evicted while this coordinator runs
         spec = m.ShardSpec(shard.shard_id, shard.path.name, shard.path.stat().st_size, file_digest(shard.path),
                            layers, self.n_layer)
         with self._lock:
             self._files[spec.shard_id] = shard.path
+            earlier, self._held[spec.shard_id] = self._held.get(spec.shard_id), held
             self._ids[layers] = spec.shard_id
+        if earlier is not None:
+            earlier.release()
         return spec
 
     def shard_id(self, layers: LayerRange) -> str | None:
@@ -51,3 +57,9 @@ class ShardFiles:
         if path is None:
             raise BadInputError(f"no shard {shard_id[:16]!r} here; it is not part of the current plan")
         return iter_chunks(path, offset, corrupt_chunks=faults)
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for h in held:
+            h.release()

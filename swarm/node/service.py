@@ -11,6 +11,7 @@ close afterwards), `fetcher` (the coordinator's shard file fetch) and `checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import messages as m
+from .. import shardcache
 from ..errors import BadInputError, NotReadyError, PeerError, SwarmError
 from ..sampling import Sampler
 from ..transfer import Fetch
@@ -90,8 +92,11 @@ class Node:
             raise NotReadyError("this node is serving sessions; measure it between sessions")
 
         def measure():  # only when the cache has no answer: fetching the slices is the slow part
-            paths = [self.shelf.file(spec)[0] for spec in order.shards]
-            return measure_compute(paths, self._threads, order.decode_steps, order.prefill_tokens)
+            with contextlib.ExitStack() as held:
+                fetched = (self.shelf.file(spec)[0] for spec in order.shards)
+                # A generator: each slice is held before the next fetch, whose eviction could take it.
+                paths = [held.enter_context(shardcache.hold(path)) for path in fetched]
+                return measure_compute(paths, self._threads, order.decode_steps, order.prefill_tokens)
 
         with self.shelf.lock:  # one measurement at a time, and not while a shard is being loaded
             profile, cached = cached_compute(
