@@ -259,20 +259,6 @@ def _check_profile(p: NodeProfile) -> None:
         raise PlacementError(f"node {p.node_id} has an unusable profile ({', '.join(bad)}); measure it again")
 
 
-def _lexmin(d: np.ndarray, p: np.ndarray, m: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lexicographic minimum of (d, p, m) along an axis; infeasible (d >= _INF) comes out all _INF."""
-    bd = d.min(axis=axis, keepdims=True)
-    tie = d == bd
-    bp = np.where(tie, p, _INF).min(axis=axis, keepdims=True)
-    tie &= p == bp
-    bm = np.where(tie, m, _INF).min(axis=axis, keepdims=True)
-    bd, bp, bm = bd.squeeze(axis), bp.squeeze(axis), bm.squeeze(axis)
-    dead = bd >= _INF
-    if dead.any():
-        bd, bp, bm = np.where(dead, _INF, bd), np.where(dead, _INF, bp), np.where(dead, _INF, bm)
-    return bd, bp, bm
-
-
 def _pick(d: np.ndarray, p_of, m_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of the 2-D array d, the lexicographically least (decode, prefill, moved)."""
     # Decode alone decides almost always, so the other keys, p_of(rows, cols) and m_of(rows, cols), are
