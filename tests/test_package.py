@@ -13,7 +13,7 @@ import pytest
 import swarm
 from conftest import PROMPTS
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(swarm.__path__, "swarm."))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(swarm.__path__, "swarm."))  # subpackages too
 
 
 @pytest.mark.parametrize("name", MODULES)
