@@ -35,7 +35,7 @@ _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 def devices() -> list[Device]:
     """The devices this build of llama.cpp can use, with their memory (llama.cpp's device API)."""
     try:
-        from .engine import _llama
+        from .engine.backend import _llama
 
         llama_cpp = _llama()  # loads the backends (first: it sets up the OpenMP runtime before loading it)
         libdir = Path(llama_cpp.__file__).parent / "lib"

@@ -71,7 +71,7 @@ def test_python_and_c_layer_capture_agree(model_path, reference, monkeypatch):
     """The compiled callback is used where a compiler exists; the Python fallback gives the same text."""
     import shutil
 
-    from swarm import _capture
+    from swarm.engine import capture
 
     tokens, expected, _ = reference.run(PROMPTS[2])
     with LocalChain(model_path, 3, n_ctx=N_CTX) as chain:
@@ -79,7 +79,7 @@ def test_python_and_c_layer_capture_agree(model_path, reference, monkeypatch):
         if shutil.which("cc"):  # CI and development machines have one: the fast path must be in use
             assert kinds == {"c"}
         assert list(chain.generate(tokens, max_tokens=N_TOKENS)) == expected
-    monkeypatch.setattr(_capture, "_native", False)
+    monkeypatch.setattr(capture, "_native", False)
     with LocalChain(model_path, 3, n_ctx=N_CTX) as chain:
         assert {s._capture.kind for s in chain.shards[:-1]} == {"python"}
         assert list(chain.generate(tokens, max_tokens=N_TOKENS)) == expected

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from swarm import kvstate
-from swarm.engine import Shard, _pack_kv, _parse_kv_blob, join_kv, kv_header
+from swarm.engine import Shard, join_kv, kv_header
+from swarm.engine.kvblob import _pack_kv, _parse_kv_blob
 from swarm.errors import KVStateError
 from swarm.layers import LayerRange
 from swarm.slicing import slice_model

@@ -2,23 +2,94 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import swarm
 from conftest import PROMPTS
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(swarm.__path__, "swarm."))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(swarm.__path__, "swarm.")  # subpackages too
+                 if not m.name.endswith(".__main__"))  # (those run a program when imported)
+ROOT = Path(swarm.__file__).parent
+
+# Data flows one way: a module imports only from its own layer or the ones below (docs/architecture.md).
+LAYERS = [
+    {"errors", "layers", "messages", "sampling", "textstream", "cache", "shardcache", "models", "gguf_file",
+     "slicing", "kvstate", "_proto"},  # the shared vocabulary and the files
+    {"engine", "profiling", "transfer", "planner", "placement", "failover", "discovery"},
+    {"node", "chain"},
+    {"wire"},
+    {"coordinator"},
+    {"client"},
+    {"join", "local"},
+    {"cli"},
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_module_imports_alone(name):
     subprocess.run([sys.executable, "-c", f"import {name}"], check=True, timeout=120)
+
+
+def _imports(path: Path) -> set[str]:
+    """The swarm modules and outside packages a source file imports, as absolute names."""
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out.update([module] if node.module else [f"{module}.{a.name}" for a in node.names])
+    return out
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "swarm" or len(parts) < 2:
+        return None
+    return next((i for i, names in enumerate(LAYERS) if parts[1] in names), None)
+
+
+def _sources():
+    return [p for p in sorted(ROOT.rglob("*.py")) if "_proto" not in p.parts]
+
+
+def test_every_module_has_a_layer():
+    tops = {p.relative_to(ROOT).parts[0].removesuffix(".py") for p in _sources()} - {"__init__"}
+    assert tops == set().union(*LAYERS) - {"_proto"}, "add new modules to LAYERS (and to docs/architecture.md)"
+
+
+def test_data_flows_one_way():
+    wrong = []
+    for path in _sources():
+        mine = _layer("swarm." + ".".join(path.relative_to(ROOT).with_suffix("").parts))
+        for module in _imports(path):
+            theirs = _layer(module)
+            if mine is not None and theirs is not None and theirs > mine:
+                wrong.append(f"{path.relative_to(ROOT.parent)} imports {module}")
+    assert not wrong, "a lower layer imports a higher one:\n" + "\n".join(wrong)
+
+
+def test_protobuf_only_at_the_wire():
+    found = [f"{p.relative_to(ROOT.parent)}: {m}" for p in _sources() if p.relative_to(ROOT).parts[0] != "wire"
+             for m in _imports(p) if m.startswith(("swarm._proto", "google.protobuf"))]
+    assert not found, "protobuf outside swarm/wire/:\n" + "\n".join(found)
+
+
+def test_modules_stay_small():
+    long = [f"{p.relative_to(ROOT.parent)}: {n} lines" for p in _sources()
+            if (n := len(p.read_text().splitlines())) > 450]
+    assert not long, "modules over 450 lines (split the second job out):\n" + "\n".join(long)
 
 
 def test_public_names():

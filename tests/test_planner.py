@@ -293,7 +293,7 @@ def test_brute_force_optimality(pins):
 
 
 def test_heuristic_for_many_nodes_is_feasible_and_near_optimal(monkeypatch):
-    monkeypatch.setattr(planner, "EXACT_LIMIT", 0)  # force the fixed-order heuristic on small instances
+    monkeypatch.setattr(planner.plan, "EXACT_LIMIT", 0)  # force the fixed-order heuristic on small instances
     rng = random.Random(7)
     solved = exact = missed = 0
     for _ in range(100):

@@ -1,6 +1,6 @@
 """Part of the engine: take a shard's layer output out of the llama.cpp graph.
 
-The C callback in `_capture.c` is compiled on first use into the cache (a C compiler is already
+The C callback in `capture.c` is compiled on first use into the cache (a C compiler is already
 needed to build llama-cpp-python); where that fails, or SWARM_CAPTURE=python, a Python callback
 does the same job at a few microseconds per graph node.
 """
@@ -17,8 +17,8 @@ from importlib import resources
 
 import numpy as np
 
-from . import cache
-from .errors import EngineError
+from .. import cache
+from ..errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _load_native() -> ctypes.CDLL | None:
     _native = False
     if os.environ.get("SWARM_CAPTURE", "").lower() == "python":
         return None
-    source = resources.files("swarm").joinpath("_capture.c").read_bytes()
+    source = resources.files("swarm.engine").joinpath("capture.c").read_bytes()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         log.info("no C compiler found; using the Python layer-output callback")
@@ -113,7 +113,7 @@ class HiddenCapture:
         s.want, s.got, s.status = n_tokens * self._row_bytes, 0, 0
 
     def _on_node(self, tensor, ask, _user) -> bool:
-        # Same logic as swarm_capture_cb in _capture.c.
+        # Same logic as swarm_capture_cb in capture.c.
         if ask:
             if self._name_off is None:
                 self._name_off = self._ggml.ggml_get_name(tensor) - tensor

@@ -1,293 +1,34 @@
-"""The only module that talks to llama.cpp: load a shard, run sessions through it, move KV state.
+"""`Shard`: one loaded shard and its sessions: forward steps, rollback, replay, KV export and import.
 
 A non-final shard's hidden states are taken from the graph node `l_out-<k-1>` through the
 scheduler's eval callback; returning False from the data call stops that graph split, so the output
 norm and the head are never computed. Every row of such a batch is marked as an output because
 llama.cpp computes its last layer only for output rows.
-
-Everything handed to llama.cpp is checked here first: shapes, dtypes, token ids, positions, context
-capacity and KV blobs. Bad input raises a SwarmError and never reaches C.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import importlib
 import itertools
-import json
 import logging
 import os
-import queue
 import secrets
-import struct
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 
-from . import kvstate, shardcache
-from ._capture import HiddenCapture
-from .errors import (
-    BadInputError, ContextFullError, EngineError, KVStateError, ModelFileError, UnsupportedModelError,
-)
-from .gguf_file import read_gguf
-from .layers import LayerRange, ShardRole
-from .slicing import ShardFile, shard_info
+from .. import kvstate, shardcache
+from ..errors import BadInputError, ContextFullError, EngineError, KVStateError
+from ..layers import LayerRange, ShardRole
+from ..slicing import ShardFile, shard_info
+from .backend import _compute, _ggml, _llama, _load_model, default_threads
+from .capture import HiddenCapture
+from .kvblob import KVBase, _pack_kv, _parse_kv_blob
 
 log = logging.getLogger(__name__)
-_llama_log = logging.getLogger("swarm.llama_cpp")
-
-_init_lock = threading.Lock()
-_lib_state: dict[str, object] = {}
-
-
-def _llama():
-    """Import llama_cpp, initialise the backend once and route its log into `logging`."""
-    with _init_lock:
-        if "llama" in _lib_state:
-            return _lib_state["llama"]
-        # llama.cpp's CPU backend runs each graph in an OpenMP team whose idle threads spin for a long
-        # while (libgomp's default) before sleeping. Shards of a swarm that share a machine take turns,
-        # and a finished shard's spinning threads slowed the next shard's step by 20-60%. A short spin
-        # still lets the team meet at a graph's barriers without sleeping. 5,000 measured best of
-        # 300-20,000 for three shards on two cores (docs/benchmarks.md). Read by libgomp when llama_cpp
-        # loads it, so only effective if llama_cpp was not imported before; a user's own setting wins.
-        os.environ.setdefault("GOMP_SPINCOUNT", "5000")
-        cpus = _team_cpus()
-        if cpus:
-            # One CPU for each thread of a graph's team. Left free, the kernel at times woke two of them
-            # onto one CPU, where every barrier of the graph waited for a time slice: three shards on two
-            # cores ran at 82-85% of one process unbound and 91-93% bound (docs/benchmarks.md). libgomp
-            # binds the thread that loads it to the first CPU and the team's other threads to the next,
-            # so llama.cpp is loaded on the compute thread, the only one that runs graphs; every other
-            # thread of the process keeps all CPUs.
-            os.environ["GOMP_CPU_AFFINITY"] = " ".join(map(str, cpus))
-            try:
-                _compute.run(importlib.import_module, "llama_cpp")
-            finally:
-                del os.environ["GOMP_CPU_AFFINITY"]
-        import llama_cpp
-
-        @llama_cpp.llama_log_callback
-        def _on_log(level, text, _user):  # called from llama.cpp threads
-            msg = text.decode("utf-8", errors="replace").rstrip()
-            if msg:  # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
-                _llama_log.log(logging.WARNING if level == 4 else logging.DEBUG, msg)
-
-        llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-        base.ggml_get_name.argtypes = [ctypes.c_void_p]
-        base.ggml_get_name.restype = ctypes.c_void_p
-        base.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        base.ggml_nbytes.restype = ctypes.c_size_t
-        base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-        base.ggml_backend_tensor_get.restype = None
-        _lib_state.update(llama=llama_cpp, ggml=base, on_log=_on_log)
-        return llama_cpp
-
-
-class _ComputeThread:
-    """The one thread of this process that runs llama.cpp graphs.
-
-    Each thread that starts a graph becomes the master of an OpenMP team of its own, and libgomp keeps
-    those teams. Once a process holds more OpenMP threads than the machine has CPUs, libgomp cuts its
-    spin at every barrier to almost nothing: a coordinator whose sessions ran on whichever gRPC thread
-    served them slept and woke its threads ~75 times per graph. Graphs are therefore run here, by one
-    thread, whatever thread asks for them.
-    """
-
-    def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    def run(self, fn: Callable, *args):
-        """fn(*args) on the compute thread; its result, or its exception raised here."""
-        thread = self._thread
-        if thread is threading.current_thread():
-            return fn(*args)
-        if thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name="llama-compute", daemon=True)
-                    self._thread.start()
-        done = threading.Lock()
-        done.acquire()
-        box: list = [None, None]
-        self._jobs.put((fn, args, done, box))
-        done.acquire()
-        if box[1] is not None:
-            raise box[1]
-        return box[0]
-
-    def _loop(self) -> None:
-        while True:
-            fn, args, done, box = self._jobs.get()
-            try:
-                box[0] = fn(*args)
-            except BaseException as e:  # handed to the caller
-                box[1] = e
-            done.release()
-
-
-_compute = _ComputeThread()
-
-
-_plan: dict[str, int | None] = {}  # "threads", once a coordinator or node process said it
-
-
-def plan_threads(n_threads: int | None) -> None:
-    """The threads this process will give each graph (None: `default_threads()`). A process that runs a
-    coordinator or a node (`join.start_coordinator`, `join.RunningNode`) says so before llama.cpp loads;
-    all its graphs run through the engine, so it may bind them to CPUs (see `_team_cpus`)."""
-    _plan["threads"] = n_threads
-
-
-def _team_cpus() -> list[int] | None:
-    """The CPUs to bind a graph's threads to, one each, or None to leave them to the kernel.
-
-    Only in a process that planned its threads (`plan_threads`): libgomp would bind any other thread
-    that runs a graph too, such as a library user's own llama_cpp.Llama. Only where the team uses every
-    CPU the process may use (a team on fewer would put every process of a machine on the same few
-    CPUs), and only if the user set no OpenMP placement of their own; SWARM_BIND_THREADS=0 turns it off.
-    """
-    if "threads" not in _plan or os.environ.get("SWARM_BIND_THREADS", "1") == "0":
-        return None
-    if any(os.environ.get(k) for k in ("GOMP_CPU_AFFINITY", "OMP_PROC_BIND", "OMP_PLACES")):
-        return None
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return None
-    team = _plan["threads"] or default_threads()
-    return cpus if len(cpus) > 1 and team == len(cpus) else None
-
-
-def _ggml():
-    _llama()
-    return _lib_state["ggml"]
-
-
-def default_threads() -> int:
-    """Physical cores: llama.cpp gains little from hyper-threads."""
-    import psutil
-
-    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-
-
-def _load_model(path: Path, vocab_only: bool):
-    llama_cpp = _llama()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = vocab_only
-    params.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ModelFileError(
-            f"llama.cpp could not load {path}; the file passed header checks, so its tensors or metadata "
-            "do not match its architecture (run with --log-level debug to see llama.cpp's reason)"
-        )
-    return model
-
-
-# When a GGUF carries no `tokenizer.chat_template` (some conversions drop it, the default model's among
-# them), the architecture's own format, by the name llama.cpp knows it under.
-_FALLBACK_TEMPLATES = {"gemma3": b"gemma", "gemma2": b"gemma", "gemma": b"gemma", "qwen2": b"chatml", "qwen3": b"chatml"}
-
-
-class Tokenizer:
-    """The model's own tokenizer, loaded without weights."""
-
-    def __init__(self, model_path: str | os.PathLike):
-        path = Path(model_path)
-        read_gguf(path)  # a clear error for missing, truncated or non-GGUF files
-        self._llama = _llama()
-        self._model = _load_model(path, vocab_only=True)
-        self._vocab = self._llama.llama_model_get_vocab(self._model)
-        self.n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
-        self.arch = read_gguf(path).arch
-        if self.n_vocab <= 1:
-            raise ModelFileError(f"{path} has no vocabulary (is it a middle shard?); tokenize with the full model")
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        raw = text.encode("utf-8")
-        cap = len(raw) + 16
-        buf = (ctypes.c_int32 * cap)()
-        n = self._llama.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (ctypes.c_int32 * cap)()
-            n = self._llama.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
-        if n < 0:
-            raise EngineError(f"llama.cpp failed to tokenize the text ({n})")
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        """The bytes a token stands for (may be part of a UTF-8 character)."""
-        if not 0 <= token < self.n_vocab:
-            raise BadInputError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")
-        buf = ctypes.create_string_buffer(64)
-        n = self._llama.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._llama.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
-
-    def detokenize(self, tokens: Iterable[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
-    def is_eog(self, token: int) -> bool:
-        return bool(self._llama.llama_vocab_is_eog(self._vocab, token))
-
-    def chat_template(self) -> str | None:
-        raw = self._llama.llama_model_chat_template(self._model, None)
-        return raw.decode("utf-8") if raw else None
-
-    def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
-        """The prompt for (role, content) messages, formatted by the model's own chat template.
-
-        llama.cpp recognises the template stored in the GGUF (Gemma, Llama 3, ChatML, Mistral and more)
-        and formats it natively; the text ends with the assistant's turn opened.
-        """
-        template = self._llama.llama_model_chat_template(self._model, None) or _FALLBACK_TEMPLATES.get(self.arch)
-        if not template:
-            raise UnsupportedModelError(
-                f"this {self.arch} model has no chat template in its GGUF; use raw completion (swarm generate)"
-            )
-        for role, content in messages:
-            if role not in ("system", "user", "assistant"):
-                raise BadInputError(f"a chat message's role is system, user or assistant, not {role!r}")
-            if "\x00" in content:
-                raise BadInputError("a chat message cannot contain NUL characters")
-        encoded = [(r.encode(), c.encode("utf-8")) for r, c in messages]
-        chat = (self._llama.llama_chat_message * max(1, len(encoded)))()
-        for i, (r, c) in enumerate(encoded):
-            chat[i].role, chat[i].content = r, c
-        need = 2 * sum(len(c) + 16 for _, c in encoded) + 256
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(need)
-            n = self._llama.llama_chat_apply_template(template, chat, len(encoded), True, buf, need)
-            if n < 0:
-                raise UnsupportedModelError(
-                    "llama.cpp does not recognise this model's chat template; use raw completion (swarm generate)"
-                )
-            if n <= need:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            need = n + 1
-        raise EngineError("llama.cpp kept asking for a larger chat buffer")
-
-    def close(self) -> None:
-        if getattr(self, "_model", None):
-            self._llama.llama_model_free(self._model)
-            self._model = None
-
-    def __del__(self):  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 @dataclass
@@ -300,20 +41,7 @@ class _Session:
     edit: int = field(default_factory=lambda: next(_EDITS))
 
 
-_KV_MAGIC = b"SWARMKV2"
 _EDITS = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class KVBase:
-    """What a node remembers of the last checkpoint it sent of a session, to send only what changed next."""
-
-    lineage: str  # names the chain of checkpoints: a full state and the deltas on top of it
-    n_past: int
-    edit: int
-    positions: tuple  # per stream, the cell positions it held (numpy arrays)
-
-
 _MAX_CTX = 1 << 24  # llama.cpp's context fields are 32-bit; this is far beyond any model's context
 
 
@@ -703,82 +431,3 @@ class Shard:
     def __del__(self):  # pragma: no cover - best effort
         with contextlib.suppress(Exception):
             self.close()
-
-
-def kv_header(blob: bytes, verify: bool = False) -> dict:
-    """The header of a blob from `export_kv` or `checkpoint_kv` (shard_id, layers, n_past, the layout, and
-    for a delta the length of the state it builds on), read without hashing the payload unless `verify`:
-    `import_kv` and `join_kv` verify the whole blob before llama.cpp sees it."""
-    if verify:
-        return _parse_kv_blob(blob)[0]
-    if len(blob) < len(_KV_MAGIC) + 4 or not bytes(blob[:len(_KV_MAGIC)]) == _KV_MAGIC:
-        raise KVStateError("this is not a swarm KV state (bad magic); it must come from Shard.export_kv")
-    (hlen,) = struct.unpack_from("<I", blob, len(_KV_MAGIC))
-    return _parse_kv_blob(blob[:len(_KV_MAGIC) + 4 + hlen], verify=False)[0]  # the header alone: no copy
-
-
-def _parse_kv_blob(blob: bytes, verify: bool = True) -> tuple[dict, bytes]:
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise KVStateError("a KV state must be bytes from Shard.export_kv")
-    blob = bytes(blob)
-    if len(blob) < len(_KV_MAGIC) + 4 or not blob.startswith(_KV_MAGIC):
-        raise KVStateError("this is not a swarm KV state (bad magic); it must come from Shard.export_kv")
-    (hlen,) = struct.unpack_from("<I", blob, len(_KV_MAGIC))
-    start = len(_KV_MAGIC) + 4
-    if start + hlen > len(blob):
-        raise KVStateError("KV state is truncated (its header runs past the end)")
-    try:
-        head = json.loads(blob[start:start + hlen])
-    except ValueError:
-        raise KVStateError("KV state header is damaged") from None
-    payload = blob[start + hlen:]
-    if not isinstance(head, dict) or verify and _kv_digest(head, payload) != head.get("sha256"):
-        raise KVStateError("KV state is damaged or truncated (checksum mismatch); export it again")
-    types = {"shard_id": str, "layers": list, "n_past": int, "n_ctx": int, "max_sessions": int, "flash_attn": bool,
-             "lineage": str}
-    if any(type(head.get(k)) is not t for k, t in types.items()) or len(head["layers"]) != 2 or (
-            "base" in head and type(head["base"]) is not int):
-        raise KVStateError("KV state header is malformed; export it again with this version")
-    return head, payload
-
-
-def join_kv(blobs: Sequence[bytes]) -> bytes:
-    """A full KV state (from `export_kv` or `checkpoint_kv`) and the deltas taken after it, in order, as
-    one full state for `import_kv`; every piece's checksum is verified first."""
-    if not blobs:
-        raise KVStateError("no KV state to join")
-    parsed = [_parse_kv_blob(b) for b in blobs]
-    head = dict(parsed[0][0])
-    if "base" in head:
-        raise KVStateError("a chain of KV states must start with a full one")
-    for h, _ in parsed[1:]:
-        same = all(h.get(k) == head.get(k) for k in ("shard_id", "layers", "n_ctx", "max_sessions", "flash_attn",
-                                                     "lineage"))
-        if not same or h.get("base") != head["n_past"]:
-            raise KVStateError(f"KV delta for {h.get('base')} positions does not follow the state of {head['n_past']} "
-                               "before it (another session, shard or chain); take a full checkpoint again")
-        head["n_past"] = h["n_past"]
-    head.pop("sha256", None)
-    if len(parsed) == 1:
-        return bytes(blobs[0])
-    try:
-        payload = kvstate.apply(parsed[0][1], [p for _, p in parsed[1:]])
-    except (ValueError, TypeError, IndexError, MemoryError) as e:  # KVStateError is a ValueError too
-        if isinstance(e, KVStateError):
-            raise
-        raise KVStateError(f"these KV pieces do not fit together ({e}); take a full checkpoint again") from None
-    return _pack_kv(head, payload)
-
-
-def _pack_kv(head: dict, payload: bytes) -> bytes:
-    head = dict(head, sha256=_kv_digest(head, payload))
-    header = json.dumps(head, sort_keys=True).encode()
-    return b"".join((_KV_MAGIC, struct.pack("<I", len(header)), header, payload))
-
-
-def _kv_digest(head: dict, payload: bytes) -> str:
-    """sha256 over the header (without its digest) and the payload."""
-    meta = json.dumps({k: v for k, v in head.items() if k != "sha256"}, sort_keys=True).encode()
-    h = hashlib.sha256(struct.pack("<Q", len(meta)) + meta)
-    h.update(payload)
-    return h.hexdigest()
