@@ -21,6 +21,11 @@ context, and times the steps that took a checkpoint against the others inside ea
 
     python scripts/bench_recovery.py                      # contexts 128,512,2048, 3 rounds
     python scripts/bench_recovery.py --parts cost --contexts 128,2048 --rounds 24
+    git worktree add /tmp/old REV && python scripts/bench_recovery.py --parts stalls,detection --baseline /tmp/old
+
+With `--baseline DIR` this script only drives: each round runs this checkout's bench and DIR's (its own
+script on its own code) one after the other, first in turn, each a fresh process doing one round, and
+the stall and detection tables of both come out side by side (medians over the rounds).
 """
 
 from __future__ import annotations
@@ -177,7 +182,11 @@ def main() -> int:
                     help="cost part: run both arms with failover on, to see the method's own scatter")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--parts", default="stalls,detection,cost", help="which measurements to run")
+    ap.add_argument("--baseline", metavar="DIR", help="also run the bench of this checkout (stalls and detection), "
+                    "round by round in turn with this code")
     args = ap.parse_args()
+    if args.baseline:
+        return compare(args)
 
     from swarm.engine import default_threads
     from swarm.models import resolve_model
@@ -268,6 +277,51 @@ def main() -> int:
     for context, on, off, (ratio, low, high), extra, count, shipped, held, first_on, first_off in cost:
         print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {ratio:.1%} | {low:.1%}-{high:.1%} | {extra:.1%} | {count:.0f} "
               f"| {shipped / 1e6:.2f} | {held / 1e6:.1f} | {first_on:.0f} | {first_off:.0f} |")
+    return 0
+
+
+def _tables(out: str) -> dict:
+    """The stall rows {(context, path, layers): ms} and detection rows {failure: ms} of one run's output."""
+    got = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].isdigit():
+            got[(int(cells[0]), cells[1], cells[2])] = float(cells[3])
+        elif len(cells) == 3 and cells[0] in ("kill -9", "SIGSTOP"):
+            got[cells[0]] = float(cells[1])
+    return got
+
+
+def compare(args) -> int:
+    """Run this code's bench and the baseline's in turn, one round each, and put their medians side by side."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    codes = {"this code": here, "baseline": os.path.abspath(args.baseline)}
+    rev = subprocess.run(["git", "-C", codes["baseline"], "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip() or args.baseline
+    parts = ",".join(p for p in args.parts.split(",") if p in ("stalls", "detection"))
+    results: dict[str, list[dict]] = {name: [] for name in codes}
+    for r in range(args.rounds):
+        for name in (list(codes) if r % 2 == 0 else list(codes)[::-1]):
+            root = codes[name]
+            cmd = [sys.executable, os.path.join(root, "scripts", "bench_recovery.py"), "--model", args.model,
+                   "--rounds", "1", "--contexts", args.contexts, "--parts", parts]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            env = dict(os.environ, PYTHONPATH=root)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+            if done.returncode:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+            results[name].append(_tables(done.stdout))
+            print(f"round {r}: {name} done", file=sys.stderr)
+    keys = sorted({k for runs in results.values() for run in runs for k in run}, key=str)
+    print(f"median of {args.rounds} rounds, each arm a fresh process per round, first in turn; baseline {rev}\n")
+    print("| measurement | this code (ms) | baseline (ms) | this / baseline |")
+    print("|---|---|---|---|")
+    for k in keys:
+        mine = statistics.median(run[k] for run in results["this code"] if k in run)
+        theirs = statistics.median(run[k] for run in results["baseline"] if k in run)
+        label = f"{k[1]} of {k[2]} at {k[0]}" if isinstance(k, tuple) else f"{k} detected"
+        print(f"| {label} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f} |")
     return 0
 
 
