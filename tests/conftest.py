@@ -40,7 +40,8 @@ def model_path(_private_cache) -> Path:
 
 
 class Reference:
-    """Plain llama_cpp.Llama on the unsplit file, a fresh instance per prompt, greedy."""
+    """Plain llama_cpp.Llama on the unsplit file, a fresh instance per prompt: greedy (`run`), or seeded
+    sampling of its logits (`sample`)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -68,6 +69,36 @@ class Reference:
                     break
             del llm
             self._cache[key] = (tokens, out, logits)
+        return self._cache[key]
+
+    def sample(self, prompt: str, n: int, n_ctx: int = N_CTX, **options) -> list[int]:
+        """Seeded sampling on plain llama-cpp-python's logits of the unsplit model: the prompt evaluated
+        as `Llama.eval` batches it, then one token per step; each row's logits go through
+        `swarm.sampling.Sampler` exactly as the final shard feeds it (node/stepping.py): every step's
+        tokens observed at their start position, the row drawn with `position` = its own position."""
+        key = (prompt, n, n_ctx, tuple(sorted(options.items())))
+        if key not in self._cache:
+            import llama_cpp
+
+            from swarm.sampling import Sampler, SamplingParams
+
+            sampler = Sampler(SamplingParams(**options))
+            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, verbose=False)
+            vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+            step = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            start, out = 0, []
+            while len(out) < n:
+                llm.eval(step)
+                sampler.observe(step, start)
+                start += len(step)
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), (llm.n_vocab(),))
+                token = sampler.sample(logits.copy(), remember=False, position=start - 1)
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    break
+                out.append(token)
+                step = [token]
+            del llm
+            self._cache[key] = out
         return self._cache[key]
 
 

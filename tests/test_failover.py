@@ -26,11 +26,23 @@ import pytest
 from conftest import PROMPTS
 from procs import Proc, Swarm, free_port
 from swarm.client import SwarmClient
+from swarm.errors import PeerError
 
 N = 128
 KEY = "failover-key"
 PINS = [["--layers", "0:6"], ["--layers", "6:12"], ["--layers", "12:18"]]
 LAYERS = ["0:6", "6:12", "12:18"]
+
+# How fast a failure is noticed, as measured in docs/benchmarks.md ("Failover", the figures the other docs
+# quote): a dead process in 28 ms, a hung one (or a cut link) in 2.2 s, medians. The record's `at_unix` is
+# when the coordinator noticed. The bounds leave room for a shared 2-core machine (threads waiting for a
+# core, a GIL held elsewhere) and still fail well before ten times the documented time, which is what a
+# detection that stopped working as documented would take (a dead node found only by its missed heartbeats
+# would take 2.5 s: ninety times).
+DEAD_DETECTED_S = 0.028
+HUNG_DETECTED_S = 2.215
+DEAD_DETECTED_WITHIN_S = 8 * DEAD_DETECTED_S  # 0.22 s
+HUNG_DETECTED_WITHIN_S = 4 * HUNG_DETECTED_S  # 8.9 s: the 2.5 s of silence itself, plus 6 s of slack
 
 
 def _swarm(tmp, model_path, nodes=PINS, coordinator_args=(), ctx=512):
@@ -75,9 +87,19 @@ def _generate_breaking(swarm, prompt, breaks, n=N, **options):
     return gen.result.tokens, at
 
 
-def _kill(swarm, layers: str, sig=signal.SIGKILL):
-    proc = swarm.procs[1 + LAYERS.index(layers)]
-    return lambda: proc.p.send_signal(sig)
+class _Signal:
+    """A break for `_generate_breaking`: sends `sig` to a node's process and notes when (`at`, Unix time)."""
+
+    def __init__(self, proc: Proc, sig):
+        self.proc, self.sig, self.at = proc, sig, None
+
+    def __call__(self) -> None:
+        self.at = time.time()
+        self.proc.p.send_signal(self.sig)
+
+
+def _kill(swarm, layers: str, sig=signal.SIGKILL) -> _Signal:
+    return _Signal(swarm.procs[1 + LAYERS.index(layers)], sig)
 
 
 def _recoveries(swarm) -> list[dict]:
@@ -90,10 +112,13 @@ def test_kill_9_at_a_random_token_gives_the_uninterrupted_text(swarm, reference,
     _, expected, _ = reference.run(prompt, N)
     position = random.randrange(4, len(expected) - 8)
     print(f"kill -9 of the node holding {layers} after {position} tokens")
-    tokens, _ = _generate_breaking(swarm, prompt, [(position, _kill(swarm, layers))])
+    kill = _kill(swarm, layers)
+    tokens, _ = _generate_breaking(swarm, prompt, [(position, kill)])
     assert tokens == expected
     (r,) = _recoveries(swarm)
     assert _span(r["layers"]) == layers and r["detection"] == "call failed"
+    print(f"detected {1e3 * (r['at_unix'] - kill.at):.0f} ms after the kill")
+    assert r["at_unix"] - kill.at <= DEAD_DETECTED_WITHIN_S, (r["at_unix"] - kill.at, r)
     assert r["path"] == "replay" and r["sessions"] == 1 and r["successor"] == "coord"
     # the swarm goes on serving new sessions on the repaired route, and they are exact too
     again = swarm.client.complete(PROMPTS[0], max_tokens=16)
@@ -142,7 +167,7 @@ def test_kill_9_past_the_sliding_window_gives_the_uninterrupted_text(tmp_path, m
         swarm.close()
 
 
-def test_a_hung_node_is_declared_dead_within_3_s_and_recovered(swarm, reference):
+def test_a_hung_node_is_declared_dead_in_seconds_and_recovered(swarm, reference):
     prompt = PROMPTS[1]
     _, expected, _ = reference.run(prompt, N)
     stopped = []
@@ -155,7 +180,8 @@ def test_a_hung_node_is_declared_dead_within_3_s_and_recovered(swarm, reference)
     assert tokens == expected
     (r,) = _recoveries(swarm)
     assert r["detection"].startswith("missed heartbeats") and r["path"] == "replay"
-    assert r["at_unix"] - stopped[0] <= 3.0, r
+    print(f"detected {r['at_unix'] - stopped[0]:.2f} s after SIGSTOP")
+    assert r["at_unix"] - stopped[0] <= HUNG_DETECTED_WITHIN_S, (r["at_unix"] - stopped[0], r)
 
 
 def test_sigterm_hands_the_sessions_over_without_recomputing(swarm, reference):
@@ -203,23 +229,231 @@ def test_two_neighbours_killed_at_once(swarm, reference):
     assert {r["path"] for r in records} <= {"replay", "recompute"}
 
 
-def test_seeded_sampling_continues_as_if_nothing_happened(swarm):
-    options = dict(temperature=0.8, top_k=40, top_p=0.95, seed=1234)
+def test_kept_states_that_do_not_reach_back_are_recomputed_from_the_tokens(tmp_path, model_path, reference):
+    """The recompute path, forced: a hop and the hop before it die at once, and the one before had a newer
+    checkpoint than the other. Its successor is rebuilt from that checkpoint, so it holds no outputs from
+    before it, which the other's rebuild would need (what the dead node kept died with it): the session is
+    run again from its tokens, and the text is still llama-cpp-python's.
+
+    How the checkpoints come apart: a hop checkpoints once it has computed REPLAY_BUDGET_S (0.3 s) since its
+    last one (and every remote hop with the prompt's last piece). The first hop holds 11 layers on one
+    thread and the second two layers on two, so the first passes the budget several times sooner. The kill
+    comes as soon as a checkpoint of the first hop's after the prompt's has come in: a delta, told from the
+    second hop's by its size (a delta holds each new position's K and V cells of every layer of its range).
+    The coordinator holds the last layers (and the vocabulary head): it hosts no lost range, and takes both
+    over. (Each range here holds one of Gemma 3's global-attention layers, 5, 11 and 17: for ranges without
+    one see tests/test_kv.py and tests/test_package.py.)"""
+    from swarm.gguf_file import read_gguf
+    from swarm.placement import footprint
+
+    # A delta of the second hop's range carries at most this much per position since the prompt (twice its
+    # cells' bytes: room for the delta's header and list of positions); the first hop's carries 11 layers'.
+    second_hop_most = 2 * sum(footprint(read_gguf(model_path)).kv_bytes_per_position[11:13])
+    prompt, n = PROMPTS[2], 256
+    prompt_tokens, expected, _ = reference.run(prompt, n)
+    swarm = _swarm(tmp_path, model_path, nodes=[["--layers", "0:11", "--threads", "1"], ["--layers", "11:13"]],
+                   coordinator_args=["--layers", "13:18"])
+    try:
+        gen = swarm.client.generate(prompt, max_tokens=n)
+        killed_after, deltas, delta_bytes = None, 0, 0
+        for _ in gen:
+            if killed_after is not None:
+                continue
+            c = swarm.client.status()["checkpoints"]
+            new, grew = int(c.get("deltas", 0)) - deltas, int(c.get("delta_bytes", 0)) - delta_bytes
+            deltas, delta_bytes = deltas + new, delta_bytes + grew
+            if new == 1 and grew > second_hop_most * len(gen.result.tokens):  # one delta, the first hop's
+                killed_after = len(gen.result.tokens)
+                for p in swarm.procs[1:]:
+                    p.p.kill()
+                for p in swarm.procs[1:]:
+                    p.p.wait(10)
+        print(f"both nodes killed after {killed_after} tokens, {deltas} delta(s) in")
+        assert killed_after is not None and killed_after < len(gen.result.tokens), "no checkpoint came in"
+        assert gen.result.tokens == expected
+        records = _recoveries(swarm)
+        assert sorted(_span(r["layers"]) for r in records) == ["0:11", "11:13"], records
+        for r in records:
+            assert r["path"] == "recompute" and r["successor"] == "coord", r
+            # Every position of the session ran again, the prompt's too (a replay runs those after a checkpoint).
+            assert r["replayed_positions"] >= len(prompt_tokens) + killed_after - 1, r
+        assert "recomputing from its tokens" in swarm.coordinator.text()
+    finally:
+        swarm.close()
+
+
+def _coordinator_answered(message: str, address: str) -> None:
+    """The coordinator ended the session with an error of its own: the client must not present that as the
+    coordinator being unreachable ("did not answer ... is it running and reachable?"), which sends the
+    user to check the one process that is fine."""
+    assert f"coordinator {address} did not answer" not in message, message
+
+
+def test_without_failover_a_lost_node_ends_its_session_with_a_clear_error(tmp_path, model_path, reference):
+    """`--no-failover`: nothing is kept for recovery, so a node's death ends the session it served; the
+    client is told which node and layers, and the swarm serves new sessions once it has re-planned."""
+    prompt = PROMPTS[0]
+    _, expected, _ = reference.run(prompt, N)
+    swarm = _swarm(tmp_path, model_path, coordinator_args=["--no-failover"])
+    try:
+        gen = swarm.client.generate(prompt, max_tokens=N)
+        with pytest.raises(PeerError) as e:
+            for _ in gen:
+                if len(gen.result.tokens) == 10:
+                    swarm.procs[2].p.kill()  # node1, layers 6:12
+        message = str(e.value)
+        print(message)
+        assert 10 <= len(gen.result.tokens) < N and gen.result.tokens == expected[:len(gen.result.tokens)]
+        assert int(swarm.client.status()["checkpoints"].get("full", 0)) == 0  # nothing was kept
+        # Re-planned around the lost node (the coordinator, unpinned, takes 6:12): exact text again.
+        deadline = time.monotonic() + 120
+        while True:
+            status = swarm.client.status()
+            if status["state"] == "ready" and "node1" not in {x["name"] for x in status["nodes"]}:
+                break
+            assert time.monotonic() < deadline, status["detail"]
+            time.sleep(0.3)
+        assert swarm.client.complete(prompt, max_tokens=N).tokens == expected
+        # What the client was told: which node went (by its name or its layers), that the session ended
+        # because failover is off, and not that the coordinator, which answered, is unreachable.
+        assert "node1" in message or "6:12" in message, message
+        assert "failover" in message, message
+        _coordinator_answered(message, swarm.address)
+    finally:
+        swarm.close()
+
+
+def test_a_lost_range_that_no_live_node_has_memory_for_ends_the_session_saying_so(tmp_path, model_path, reference):
+    """Every node's --max-memory holds its own range and less than any other: when the node holding 6:12
+    dies nobody can take it, and the client is told how much memory that range needs and what to do."""
+    from swarm.gguf_file import read_gguf
+    from swarm.layers import LayerRange
+    from swarm.placement import footprint
+
+    fp = footprint(read_gguf(model_path))
+    need = {r: fp.shard_bytes(LayerRange.parse(r), 512, 4) for r in LAYERS}  # the coordinator's defaults here
+    spare = min(need.values()) // 2  # what each node has beyond its own range: half the smallest range
+    nodes = [pin + ["--max-memory", str(need[pin[1]] + spare)] for pin in PINS]
+    prompt = PROMPTS[1]
+    _, expected, _ = reference.run(prompt, N)
+    swarm = _swarm(tmp_path, model_path, nodes=nodes, coordinator_args=["--max-memory", str(spare)])
+    try:
+        gen = swarm.client.generate(prompt, max_tokens=N)
+        with pytest.raises(PeerError) as e:
+            for _ in gen:
+                if len(gen.result.tokens) == 10:
+                    swarm.procs[2].p.kill()  # node1, layers 6:12
+        message = str(e.value)
+        print(message)
+        assert gen.result.tokens == expected[:len(gen.result.tokens)]
+        assert "6:12" in message and f"{need['6:12'] >> 20} MB" in message, message
+        assert "swarm join" in message and "--max-memory" in message, message  # what to do about it
+        assert "node1" in message, message  # the node that went, by the name it joined with
+        _coordinator_answered(message, swarm.address)
+    finally:
+        swarm.close()
+
+
+def test_ctrl_c_hands_the_sessions_over_and_a_second_ctrl_c_leaves_at_once(swarm, reference):
+    """One Ctrl-C (SIGINT) on a node's `swarm join` hands its session over like SIGTERM; a second one while
+    a node is still leaving ends its process at once, with exit code 130."""
+    prompt = PROMPTS[0]
+    _, expected, _ = reference.run(prompt, N)
+    tokens, _ = _generate_breaking(swarm, prompt, [(random.randrange(4, 80), _kill(swarm, "6:12", signal.SIGINT))])
+    assert tokens == expected
+    (r,) = _recoveries(swarm)
+    assert r["detection"] == "left" and r["path"] == "migrate" and r["sessions"] == 1, r
+    assert swarm.procs[2].p.wait(30) == 0 and "handed over" in swarm.procs[2].text()
+    # A second Ctrl-C while the node is still leaving: with the coordinator stopped, the first one's Leave
+    # cannot be answered (for at least 3 s), so only the second one can end the process meanwhile.
+    node = swarm.procs[3]
+    swarm.coordinator.p.send_signal(signal.SIGSTOP)
+    try:
+        node.p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while "handing its sessions over" not in node.text():
+            assert node.p.poll() is None and time.monotonic() < deadline, node.text()[-2000:]
+            time.sleep(0.02)
+        assert node.p.poll() is None  # the first Ctrl-C waits on the coordinator
+        sent = time.monotonic()
+        node.p.send_signal(signal.SIGINT)
+        assert node.p.wait(10) == 130, node.text()[-2000:]
+        print(f"left {time.monotonic() - sent:.2f} s after the second Ctrl-C")
+        assert time.monotonic() - sent < 2.0  # at once, not when the Leave gives up
+    finally:
+        swarm.coordinator.p.send_signal(signal.SIGCONT)
+
+
+def test_a_restarted_coordinator_gets_its_nodes_back_by_themselves(swarm, reference):
+    """The coordinator dies (kill -9) and is started again on the same port with the same key; the node
+    processes, untouched, join it again by themselves, and the swarm serves llama-cpp-python's text."""
+    expected = reference.run(PROMPTS[2], N)[1][:32]
+    assert swarm.client.complete(PROMPTS[2], max_tokens=32).tokens == expected
+    old = swarm.coordinator
+    old.p.kill()
+    old.p.wait(10)
+    swarm.client.close()
+    swarm.client = None
+    swarm.coordinator = swarm.procs[0] = Proc(old.args, old.log.with_name("coordinator-again.log"))
+    nodes = swarm.procs[1:]
+    deadline = time.monotonic() + 120
+    while True:
+        assert all(p.p.poll() is None for p in nodes)
+        swarm.wait_ready(max(1.0, deadline - time.monotonic()))
+        held = {x["name"]: _span(x["layers"]) for x in swarm.client.status()["nodes"] if x["has_layers"]}
+        if held == {"node0": "0:6", "node1": "6:12", "node2": "12:18"}:
+            break
+        assert time.monotonic() < deadline, held
+        time.sleep(0.3)
+    for p in nodes:
+        assert p.text().count("joined swarm") == 2, p.text()[-2000:]
+    assert swarm.client.complete(PROMPTS[2], max_tokens=32).tokens == expected
+
+
+def test_seeded_sampling_continues_as_if_nothing_happened(swarm, reference):
+    """The final shard is lost mid-generation; its successor draws what it would have drawn. The text is
+    the same seeded draw made on plain llama-cpp-python's logits (not only the swarm's own calm run)."""
+    options = dict(temperature=0.8, top_k=40, top_p=0.95, repeat_penalty=1.1, seed=1234)
+    expected = reference.sample(PROMPTS[0], 64, **options)
+    assert len(expected) == 64 and expected != reference.run(PROMPTS[0], 64)[1]  # sampled, not greedy
     calm = swarm.client.complete(PROMPTS[0], max_tokens=64, **options).tokens
+    assert calm == expected
+    began = time.time()
     tokens, _ = _generate_breaking(swarm, PROMPTS[0], [(random.randrange(4, 50), _kill(swarm, "12:18"))],
                                    n=64, **options)
+    ended = time.time()
     assert tokens == calm
+    # ...and the recovery happened during this generation, carrying its session over (not after it ended).
+    (r,) = _recoveries(swarm)
+    assert _span(r["layers"]) == "12:18" and r["path"] == "replay" and r["sessions"] == 1, r
+    assert began < r["at_unix"] < ended, (began, r, ended)
 
 
 def test_a_node_joining_mid_generation_does_not_disturb_it(swarm, tmp_path, reference):
-    prompt = PROMPTS[1]
-    _, expected, _ = reference.run(prompt, N)
-    def join():
-        swarm.procs.append(Proc(["--host", "127.0.0.1", "--key", KEY, "--name", "late", "--coordinator",
-                                 swarm.address, "--mdns-interface", "off"], tmp_path / "late.log",
-                                {"SWARM_CACHE_DIR": str(tmp_path / "late-cache")}))
-
-    tokens, _ = _generate_breaking(swarm, prompt, [(8, join)])
+    """A node starts after 8 tokens and is a member of the swarm while the session is still streaming
+    (a join that waited for the session to end would not count); the text is still llama-cpp-python's."""
+    prompt, n = PROMPTS[1], 256  # long enough for a new process to start up and join meanwhile
+    _, expected, _ = reference.run(prompt, n)
+    assert len(expected) == n
+    gen = swarm.client.generate(prompt, max_tokens=n)
+    late, seen, polled = None, None, 0.0
+    for _ in gen:
+        count = len(gen.result.tokens)
+        if late is None and count >= 8:
+            late = Proc(["--host", "127.0.0.1", "--key", KEY, "--name", "late", "--coordinator", swarm.address,
+                         "--mdns-interface", "off"], tmp_path / "late.log",
+                        {"SWARM_CACHE_DIR": str(tmp_path / "late-cache")})
+            swarm.procs.append(late)
+        if late is not None and seen is None and time.monotonic() - polled > 0.25:
+            polled = time.monotonic()
+            status = swarm.client.status()
+            if "late" in {x["name"] for x in status["nodes"]}:
+                seen = (count, [x["session_id"] for x in status["sessions"]])
+    tokens = gen.result.tokens
+    assert seen is not None, f"the new node was no member by the end of the generation:\n{late.text()[-2000:]}"
+    print(f"the new node was a member after {seen[0]} of {len(tokens)} tokens")
+    assert seen[0] < len(tokens) and gen.session_id in seen[1]  # while this session was running
+    assert "joined swarm" in late.text()
     assert tokens == expected
     assert not _recoveries(swarm)
     deadline = time.monotonic() + 60
@@ -291,7 +525,7 @@ def test_a_cut_link_between_network_namespaces(tmp_path, model_path, reference):
         (r,) = result["status"]["recoveries"]
         assert r["node"] == "node1" and r["detection"].startswith("missed heartbeats"), r
         assert r["path"] == "replay" and r["successor"] == "coord"
-        assert r["at_unix"] - cut_time <= 3.0
+        assert r["at_unix"] - cut_time <= HUNG_DETECTED_WITHIN_S, (r["at_unix"] - cut_time, r)
     finally:
         for p in procs:
             p.stop()

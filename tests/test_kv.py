@@ -54,6 +54,21 @@ def test_kv_export_import_into_fresh_shards_continues_identically(model_path, re
                 s.close()
 
 
+def test_kv_of_a_shard_without_a_global_attention_layer_moves_exactly(model_path, reference):
+    """Gemma 3 attends globally only in layers 5, 11 and 17: the middle shard 6:11 has none, so its global
+    KV cache has no layers, yet llama.cpp's export lists that cache's cells. Moving such a shard's state
+    (what every recovery and handover does) must continue the text as well as any other shard's."""
+    from swarm.layers import LayerRange
+
+    tokens, expected, _ = reference.run(PROMPTS[1])
+    with LocalChain(model_path, [LayerRange(0, 6), LayerRange(6, 11), LayerRange(11, 18)], n_ctx=N_CTX) as chain:
+        sid, out, logits = _run_until_cut(chain, tokens)
+        with Shard(chain.shards[1].path, n_ctx=N_CTX) as fresh:
+            fresh.import_kv(sid, chain.shards[1].export_kv(sid))
+            assert fresh.session_length(sid) == len(tokens) + CUT
+            assert _continue([chain.shards[0], fresh, chain.shards[2]], sid, out, logits) == expected
+
+
 def test_kv_moves_between_sessions_of_one_shard(model_path, reference):
     tokens, expected, _ = reference.run(PROMPTS[0])
     with LocalChain(model_path, 2, n_ctx=N_CTX, max_sessions=2) as chain:

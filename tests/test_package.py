@@ -121,6 +121,24 @@ def test_swarm_run_streams_the_reference_text_through_three_shards(reference, _p
     assert done.stdout == prompt + text + "\n"
 
 
+def test_a_shard_of_global_attention_layers_only_runs_or_is_refused_clearly(reference):
+    """Gemma 3's layers 5, 11 and 17 are its only global-attention layers, so a shard of layer 17 alone has no
+    sliding-window layer. It must run like any other cut (the reference text) or be refused with an error
+    that names the range; it must not take the process down inside llama.cpp (it aborted in
+    `GGML_ASSERT(hparams.is_swa_any())`, exit -6, where the planner or `--layers 17:18` can put such a range)."""
+    prompt, n = PROMPTS[0], 16
+    _, expected, _ = reference.run(prompt)
+    import llama_cpp
+
+    done = _cli("run", "-p", prompt, "-n", str(n), "--split", "0:17,17:18")
+    if done.returncode == 2:  # refused: it must say which range and why, as every CLI error does
+        assert "17:18" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    llm = llama_cpp.Llama(model_path=str(reference.path), n_ctx=512, verbose=False, vocab_only=True)
+    assert done.stdout == prompt + llm.detokenize(expected[:n]).decode("utf-8", errors="replace") + "\n"
+
+
 def test_swarm_shard_and_info(model_path, tmp_path):
     done = _cli("shard", "--layers", "6:12", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr

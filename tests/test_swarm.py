@@ -142,14 +142,47 @@ def test_chat_answers_once_with_the_models_template(three):
     assert again.tokens
 
 
-def test_interactive_chat_keeps_history_and_resets(three):
-    session = "Hi!\n/reset\nHi!\n/quit\n"
-    done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-n", "6", "--coordinator", three.address,
-                           "--key", KEY], input=session, capture_output=True, text=True, timeout=120)
+def _gemma_prompt_tokens(model_path, messages) -> list[int]:
+    """The prompt for a conversation in Gemma's turn format (the default model's GGUF has no template, so
+    the coordinator uses Gemma's), written out here by hand and tokenized by plain llama-cpp-python."""
+    import llama_cpp
+
+    text = "".join(f"<start_of_turn>{'model' if role == 'assistant' else role}\n{content.strip()}<end_of_turn>\n"
+                   for role, content in messages) + "<start_of_turn>model\n"
+    llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=True, special=True)
+    finally:
+        del llm
+
+
+def test_interactive_chat_keeps_history_and_resets(three, model_path):
+    """The second turn is answered with the first exchange in its prompt, and /reset forgets it: the
+    coordinator's prompt count for each turn is that of the conversation so far rendered in Gemma's format,
+    and each answer is the library's answer to exactly that conversation."""
+    n = 12
+    first, second = "Hi!", "Say it again."
+    session = f"{first}\n{second}\n/reset\n{first}\n{second}\n/quit\n"
+    done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-n", str(n), "--stats", "--coordinator",
+                           three.address, "--key", KEY], input=session, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "conversation forgotten" in done.stderr
     answers = [line for line in done.stdout.split("> ") if line.strip()]
-    assert len(answers) == 2 and answers[0] == answers[1]  # after /reset the same question gets the same answer
+    assert len(answers) == 4 and answers[0] == answers[2]  # after /reset the same question gets the same answer
+    with SwarmClient(three.address, key=KEY) as c:
+        one = c.chat_complete([("user", first)], max_tokens=n)
+        history = [("user", first), ("assistant", one.text), ("user", second)]
+        two = c.chat_complete(history, max_tokens=n)
+        alone = c.chat_complete([("user", second)], max_tokens=n)
+    # The question is one whose answer depends on the history (or the check below would prove nothing).
+    assert two.text != alone.text
+    # Everything the CLI printed, turn by turn (the /reset line prints no answer): the same answers again
+    # after /reset, so it started from an empty conversation.
+    assert done.stdout == f"> {one.text}\n> {two.text}\n> > {one.text}\n> {two.text}\n> "
+    counts = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("prompt ")]
+    expected = [len(_gemma_prompt_tokens(model_path, h)) for h in (history[:1], history)]
+    assert [one.prompt_tokens, two.prompt_tokens] == expected
+    assert counts == expected * 2, done.stderr
 
 
 def test_stop_strings_and_sampling_options(three, reference):
@@ -163,6 +196,26 @@ def test_stop_strings_and_sampling_options(three, reference):
         a = c.complete(PROMPTS[0], max_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=11)
         b = c.complete(PROMPTS[0], max_tokens=20, temperature=0.8, top_k=40, top_p=0.9, seed=11)
         assert a.tokens == b.tokens and len(a.tokens) == 20  # seeded sampling is reproducible
+
+
+# Every sampling option set away from its default, at a temperature high enough that changing any of them
+# (repeat_last_n aside) changes the draw within a few tokens on this model; the test checks that it does.
+SAMPLED = dict(temperature=1.2, top_k=20, top_p=0.9, min_p=0.05, repeat_penalty=1.3, repeat_last_n=16, seed=7)
+
+
+def test_seeded_sampling_through_the_swarm_is_llama_cpps_logits_sampled_alike(three, reference):
+    """The options must reach the final shard: the swarm's draw equals the same seeded draw made on plain
+    llama-cpp-python's logits of the unsplit model. Reproducing it twice would not show that (a swarm that
+    dropped the options would be greedy, and reproducible too)."""
+    prompt, n = PROMPTS[0], 48
+    expected = reference.sample(prompt, n, **SAMPLED)
+    # The reference itself must tell each option apart, or equality would not prove it arrived.
+    assert expected != reference.run(prompt, n)[1], "the sampled reference is the greedy text"
+    for option, other in (("temperature", 0.6), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0),
+                          ("repeat_penalty", 1.0), ("seed", 8)):
+        assert reference.sample(prompt, 24, **{**SAMPLED, option: other}) != expected[:24], option
+    got = three.client.complete(prompt, max_tokens=n, **SAMPLED)
+    assert got.tokens == expected
 
 
 def test_wrong_or_missing_key_is_refused(three, tmp_path):

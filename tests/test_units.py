@@ -1,6 +1,10 @@
-"""Pure logic: layer ranges, even splits, sampling."""
+"""Pure logic: layer ranges, even splits, sampling, the interactive chat's conversation."""
 
 from __future__ import annotations
+
+import io
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -95,3 +99,43 @@ def test_new_keys_can_be_typed_after_key_and_the_printed_form_parses():
     assert len(set(keys)) == len(keys) and min(map(len, keys)) >= 24
     args = build_parser().parse_args(["join", "--coordinator", "10.0.0.2:7700", "--key=-5hX_a"])
     assert args.key == "-5hX_a"
+
+
+class _RecordingClient:
+    """Stands in for SwarmClient in `swarm chat`'s loop: keeps a copy of every conversation it is sent and
+    answers the n-th with "answer n" (only the loop's own bookkeeping is under test here; the real-process
+    test in test_swarm.py checks the same turns against a swarm)."""
+
+    def __init__(self):
+        self.sent: list[list[tuple[str, str]]] = []
+
+    def chat(self, messages, **options):
+        self.sent.append([(m["role"], m["content"]) for m in messages])  # a copy: the loop keeps appending
+        text = f"answer {len(self.sent)}"
+
+        class Reply:
+            result = types.SimpleNamespace(text=text)
+
+            def __iter__(self):
+                yield text
+
+        return Reply()
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_chat_sends_the_conversation_so_far_and_reset_forgets_it(monkeypatch, capsys, system):
+    from swarm.cli import _chat, build_parser
+
+    args = build_parser().parse_args(["chat"] + (["--system", system] if system else []))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi!\nSay it again.\n/reset\nAnd now?\n/quit\n"))
+    client = _RecordingClient()
+    assert _chat(client, args) == 0
+    start = [("system", system)] if system else []
+    assert client.sent == [
+        start + [("user", "Hi!")],
+        start + [("user", "Hi!"), ("assistant", "answer 1"), ("user", "Say it again.")],
+        start + [("user", "And now?")],  # the system message outlives /reset, the exchanges do not
+    ]
+    out = capsys.readouterr()
+    assert out.out == "> answer 1\n> answer 2\n> > answer 3\n> "
+    assert "(conversation forgotten)" in out.err
