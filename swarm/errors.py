@@ -12,7 +12,8 @@
     ├── NotReadyError              the swarm cannot serve yet: layers unplaced, shards loading
     └── PeerError                  a peer could not be reached or failed while serving a call
         ├── UnreachableError       nothing answers at the peer's address (refused, reset, unreachable)
-        └── CancelledError         a call this side (or its caller) stopped waiting for
+        ├── CancelledError         a call this side (or its caller) stopped waiting for
+        └── CapacityError          a lost range that no live node has the memory to take
 
 Messages say what went wrong and what to do about it.
 """
@@ -70,3 +71,7 @@ class UnreachableError(PeerError):
 
 class CancelledError(PeerError):
     """A step this side stopped waiting for: cancelled here, or by the caller it was serving."""
+
+
+class CapacityError(PeerError):
+    """A node is gone and no live node has the memory for its range: the session cannot go on."""

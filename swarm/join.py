@@ -263,6 +263,12 @@ class RunningNode:
                 elif time.monotonic() - failing_since > 10.0 and self._fixed_coordinator is None:
                     self._forget_coordinator()  # it may have restarted elsewhere: look again
                     failing_since = None
+                elif time.monotonic() - failing_since > 5.0 and self._fixed_coordinator is not None:
+                    # It has declared this node lost by now; a fresh channel finds it as soon as it is back
+                    # (a channel that kept failing once waited two minutes to dial a restarted one again).
+                    self._link.close()
+                    self._link = None
+                    failing_since = time.monotonic()
             except SwarmError as e:
                 log.warning("%s", e)
             self._stop.wait(self.heartbeat_s)

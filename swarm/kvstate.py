@@ -287,7 +287,8 @@ def fill_window(payload, lay: Layout) -> tuple[bytes, int]:
         for s in streams:
             pos = held[i]
             i += 1
-            end = (s.blocks[-1].at + s.blocks[-1].rows * s.cells * s.blocks[-1].width) if s.cells else s.meta[1]
+            last = s.blocks[-1] if s.blocks else None  # a cache of this shard may have no layers at all
+            end = (last.at + last.rows * s.cells * last.width) if last else s.meta[1] + len(s.tag)
             first = int(pos[0]) if len(pos) else 0
             if not len(pos) or first <= 0 or not np.array_equal(pos, np.arange(first, first + len(pos))):
                 out.append(data[at:end])

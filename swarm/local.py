@@ -89,7 +89,8 @@ class LocalSwarm:
         deadline = time.monotonic() + timeout
         while True:
             status = self.client.status()
-            if status["state"] == "ready" and len(status["nodes"]) == 1 + len(self.procs):
+            if status["state"] == "ready" and len(status["nodes"]) == 1 + len(self.procs) and all(
+                    n["state"] in ("ready", "idle") for n in status["nodes"]):
                 return  # every node joined, measured, and the plan for all of them is loaded
             dead = [i + 1 for i, p in enumerate(self.procs) if p.poll() is not None]
             if dead or time.monotonic() > deadline:

@@ -32,7 +32,7 @@ from .layers import LayerRange, ShardRole
 log = logging.getLogger(__name__)
 
 # Bump when the bytes a slice produces change, so cached shards are not reused across formats.
-SLICER_VERSION = 2
+SLICER_VERSION = 3
 
 # Keys llama.cpp reads with get_key_or_arr(..., n_layer): a scalar applies to every layer, an array
 # holds one value per layer and must be sliced with the blocks.
@@ -167,6 +167,14 @@ def _metadata(
     stored = LayerRange(layers.start, layers.end + lookahead)
     per_layer = _per_layer_values(model, rules, n_layer)
     keep_vocab = role != ShardRole.MIDDLE
+    # A shard holding none of the window layers (Gemma 3's 17:18) must not ask for a window cache:
+    # llama.cpp asserts that a model with a window has a window layer. With the window off, every layer
+    # runs as the global layer it is (same attention, same RoPE base), so the numbers do not change.
+    no_window = None
+    if rules.swa_pattern:
+        pattern = per_layer.get(f"{arch}.{rules.swa_pattern[0]}")
+        if pattern is not None and not any(pattern.value[stored.start:stored.end]):
+            no_window = f"{arch}.{rules.swa_pattern[2]}"
     blobs: list[bytes] = []
     emitted: set[str] = set()
     for key, kv in model.kvs.items():
@@ -174,6 +182,8 @@ def _metadata(
             continue
         if key == f"{arch}.block_count":
             blobs.append(encode_kv(key, kv.vtype, stored.count))
+        elif key == no_window:
+            blobs.append(encode_kv(key, kv.vtype, 0))
         elif key in per_layer:
             src = per_layer[key]
             blobs.append(encode_kv(key, src.vtype, src.value[stored.start:stored.end], src.item_type))

@@ -71,7 +71,10 @@ class Swarm:
                 if self.client is None:
                     self.client = SwarmClient(self.address, key=self.key)
                 status = self.client.status()
-                if status["state"] == "ready":
+                # Every node started has joined and holds what the plan gave it: the coordinator is "ready"
+                # on its own for a moment before the others join, and a session begun then keeps that route.
+                if status["state"] == "ready" and len(status["nodes"]) >= len(self.procs) and all(
+                        n["state"] in ("ready", "idle") for n in status["nodes"]):
                     return self.client
                 last = status["detail"]
             except Exception as e:  # not listening yet

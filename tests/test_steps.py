@@ -127,7 +127,7 @@ def test_handler_errors_arrive_as_status_codes(served):
     s = served(behave)
     links = steps.StepLinks(KEY)
     for start, kind, text in ((1, BadInputError, "unknown session"),  # INVALID_ARGUMENT
-                              (2, UnreachableError, "did not answer"),  # UNAVAILABLE
+                              (2, PeerError, "did not answer"),  # UNAVAILABLE, from the node itself
                               (3, PeerError, "INTERNAL: RuntimeError: a bug")):
         with pytest.raises(kind) as e:
             links.call(s.address, _step(start), timeout=10).result()

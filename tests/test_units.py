@@ -124,7 +124,8 @@ class _RecordingClient:
 
 @pytest.mark.parametrize("system", [None, "Be brief."])
 def test_chat_sends_the_conversation_so_far_and_reset_forgets_it(monkeypatch, capsys, system):
-    from swarm.cli import _chat, build_parser
+    from swarm.cli import build_parser
+    from swarm.cli import chat_session as _chat
 
     args = build_parser().parse_args(["chat"] + (["--system", system] if system else []))
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi!\nSay it again.\n/reset\nAnd now?\n/quit\n"))

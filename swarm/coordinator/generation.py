@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from .. import messages as m
 from ..engine import Tokenizer
-from ..errors import BadInputError, PeerError
+from ..errors import BadInputError, CapacityError, PeerError
 from ..textstream import TextStream, check_stops
 from .migration import Migration
 from .planning import Placement
@@ -181,13 +181,15 @@ class Generation:
                         event = None
                     result = pending.result()
                     break
+                except CapacityError:
+                    raise  # no node can take the lost range: trying again cannot help
                 except PeerError as e:
                     if event is not None:  # the client has the last token before a recovery or an error
                         yield event
                         event = None
                     attempts += 1
                     if not self._stepper.failover_enabled:
-                        raise
+                        raise PeerError(self._recovery.without_failover(session, str(e))) from None
                     if attempts > MAX_RECOVERIES_PER_STEP:
                         raise PeerError(f"{e}; gave up after {attempts - 1} recoveries at one step") from None
                     failed = str(e)

@@ -8,6 +8,7 @@ is the placement's business (planning.py), what it measured the measurer's (meas
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -65,6 +66,7 @@ class Membership:
         self._members: dict[str, Member] = {me.node_id: me}
         self._ids = itertools.count(1)
         self._losses: dict[str, list[float]] = {}  # address -> when it was lost (flapping back-off)
+        self._former: collections.OrderedDict[str, Member] = collections.OrderedDict()  # recently removed
         self._on_gone, self._on_change = on_gone, on_change
 
     # ------------------------------------------------------------ reading
@@ -94,9 +96,13 @@ class Membership:
             return None if x is None else time.monotonic() - x.last_seen
 
     def name_of(self, node_id: str) -> str:
+        x = self.known(node_id)
+        return x.name if x is not None else node_id
+
+    def known(self, node_id: str) -> Member | None:
+        """A member, or one removed lately (errors and records still name it as it joined)."""
         with self._lock:
-            x = self._members.get(node_id)
-            return x.name if x is not None else node_id
+            return self._members.get(node_id) or self._former.get(node_id)
 
     # ------------------------------------------------------------ changing
 
@@ -173,8 +179,11 @@ class Membership:
         return x
 
     def _gone(self, x: Member, why: str, detection: str) -> None:
-        if why not in ("left", "restarted"):
-            with self._lock:
+        with self._lock:
+            self._former[x.node_id] = x
+            while len(self._former) > 256:
+                self._former.popitem(last=False)
+            if why not in ("left", "restarted"):
                 self._losses.setdefault(x.address, []).append(time.monotonic())
         self._on_gone(x, why, detection or why)
         self._on_change()

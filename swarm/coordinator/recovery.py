@@ -75,6 +75,14 @@ class Recovery:
                  replayed)
         return records, path, replayed, detected
 
+    def without_failover(self, session: Session, error: str) -> str:
+        """What to tell a client whose session a node's failure ended (failover is off)."""
+        dead = [h for h in session.route if not h.is_self and not self._members.alive(h.node_id)]
+        dead = dead or self.unreachable(session.route)
+        which = ", ".join(f"node {self._members.name_of(h.node_id)} ({h.address}, layers {h.layers})" for h in dead)
+        return (f"{which or 'a node of its route'} failed, and failover is off (--no-failover), so the session "
+                f"ended; start it again, or run the coordinator without --no-failover ({error})")
+
     def unreachable(self, route: tuple[RouteHop, ...]) -> list[RouteHop]:
         """The remote hops of `route` that are down: a ping is refused, or times out twice
         (PING_TIMEOUT_S) from a node whose heartbeats have also stopped (a busy node still heartbeats)."""

@@ -14,7 +14,7 @@ import time
 
 from .. import failover
 from .. import messages as m
-from ..errors import PeerError, SwarmError
+from ..errors import CapacityError, SwarmError
 from ..failover import Recovery
 from ..layers import LayerRange
 from .measuring import Measurer
@@ -101,8 +101,8 @@ class Succession:
                     lost.node_id, {}).get(lost.layers)  # a node that died while handing over: its successor is ready
             if done is not None and self._members.alive(done.node_id):
                 return done
-            gone = self._members.get(lost.node_id) or Member(lost.node_id, lost.node_id, lost.address, "",
-                                                             m.Resources(), None)
+            gone = self._members.known(lost.node_id) or Member(lost.node_id, lost.node_id, lost.address, "",
+                                                               m.Resources(), None)
             hop = self._take_over(gone, lost.layers, route)
             with self._lock:
                 self._replacements[(lost.node_id, lost.layers)] = hop
@@ -147,7 +147,7 @@ class Succession:
                 ))
             choice = failover.choose_successor(need, candidates)
             if choice is None:
-                raise PeerError(
+                raise CapacityError(
                     f"node {gone.name} ({gone.address}) is gone and no live node has {need >> 20} MB free for its "
                     f"layers {layers}; add a node (swarm join) or give one more --max-memory"
                 )

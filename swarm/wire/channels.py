@@ -17,6 +17,11 @@ KEY_HEADER = "swarm-key"
 # low enough that unkeyed callers (checked only once a message has arrived) cannot make a node buffer much.
 MAX_MESSAGE = 64 << 20
 CHANNEL_OPTIONS = [
+    # A peer that went away and comes back (a restarted coordinator) is dialled again within 2 s; gRPC's
+    # own backoff grows to 120 s, and a node then waited minutes to re-join a coordinator that was back.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.keepalive_time_ms", 10_000),

@@ -50,6 +50,16 @@ def status_for(e: Exception, name: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
 
 
+# Trailing metadata of a call that ended with the server's own error: the status came from the peer's
+# answer, not from a connection that failed (both may be UNAVAILABLE).
+ANSWERED = ("swarm-answered", "1")
+
+
+def _abort(context, e: Exception, name: str) -> None:
+    context.set_trailing_metadata((ANSWERED,))
+    context.abort(*status_for(e, name))
+
+
 def served(method: Callable) -> Callable:
     """Wrap a unary servicer method: swarm errors become status codes, nothing escapes as a crash."""
 
@@ -58,7 +68,7 @@ def served(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except Exception as e:
-            context.abort(*status_for(e, method.__name__))
+            _abort(context, e, method.__name__)
 
     return wrapper
 
@@ -71,9 +81,19 @@ def served_stream(method: Callable) -> Callable:
         try:
             yield from method(self, request, context)
         except Exception as e:
-            context.abort(*status_for(e, method.__name__))
+            _abort(context, e, method.__name__)
 
     return wrapper
+
+
+def answered(e: grpc.RpcError) -> bool:
+    """Whether a failed call carries the peer's own error (rather than a transport's failure)."""
+    if getattr(e, "answered", False):  # a step stream's error frame
+        return True
+    try:
+        return ANSWERED in tuple(e.trailing_metadata() or ())
+    except Exception:
+        return False
 
 
 def details(e: grpc.RpcError) -> str:
@@ -96,6 +116,8 @@ def from_rpc(e: grpc.RpcError, peer: str) -> SwarmError:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthError(f"{peer} refused the call: {text}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if answered(e):  # the peer answered: it says what failed further on
+            return PeerError(text)
         kind = UnreachableError if code == grpc.StatusCode.UNAVAILABLE else PeerError
         return kind(f"{peer} did not answer ({code.name.lower()}): {text}; is it running and reachable?")
     return PeerError(f"{peer} failed: {code.name}: {text}")

@@ -57,11 +57,11 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class StepError(grpc.RpcError):
-    """A step that failed on the far side or on the way, as a gRPC status."""
+    """A step that failed on the far side (`answered`: the node's own error frame) or on the way."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, answered: bool = False):
         super().__init__(f"{code.name}: {details}")
-        self._code, self._details = code, details
+        self._code, self._details, self.answered = code, details, answered
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -98,7 +98,7 @@ def _read_frame(conn: socket.socket) -> tuple[int, int]:
 
 def _parse_error(payload: bytes) -> StepError:
     code = _CODES.get(payload[0], grpc.StatusCode.UNKNOWN) if payload else grpc.StatusCode.UNKNOWN
-    return StepError(code, payload[1:].decode("utf-8", "replace"))
+    return StepError(code, payload[1:].decode("utf-8", "replace"), answered=True)
 
 
 # ---------------------------------------------------------------- serving
