@@ -6,8 +6,12 @@ drives each token step as a chain of nested calls coordinator -> hop 1 -> hop 2 
 * compute bytes of a range = its blocks' weights, plus the output head if the range is the last one
   (output.weight, or the token embeddings when the head is tied to them); the first shard's
   embedding lookup reads one row and is left out.
-* a hop costs step_overhead_s + decode_s_per_byte * compute bytes per decoded token, and
-  step_overhead_s + prefill_s_per_byte * compute bytes * n_batch per prompt batch of n_batch tokens.
+* a hop costs step_overhead_s + decode_s_per_byte * block bytes + head_s_per_byte * head bytes per
+  decoded token (head_s_per_byte: the node's probed cost per byte of the output head, whose tensor
+  type often differs from the blocks'; without a head probe, decode_s_per_byte * head_cost_factor:
+  the blocks' cost per weight, where the footprint counts weights), and
+  step_overhead_s + prefill_s_per_byte * block bytes * n_batch + head_s_per_byte * head bytes per
+  prompt batch of n_batch tokens (the head computes logits for the batch's last position only).
 * a link costs rtt + payload / bandwidth, with payload = n_embd * 4 bytes (one position of f32 hidden
   state) per decoded token and n_batch times that per prompt batch. The links of a route are:
   coordinator -> first hop (free when the first hop is the coordinator itself), then each consecutive
@@ -85,6 +89,7 @@ class NodeProfile:
     is_coordinator: bool = False
     memory_total: int = 0  # for the baselines (exo)
     memory_free: int = 0  # for the baselines (llama.cpp RPC)
+    head_s_per_byte: float | None = None  # seconds per byte of the output head in a decode step; None: as blocks
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,34 @@ def _head_bytes(fp: Footprint) -> int:
     return fp.output_bytes if fp.output_bytes > 0 else fp.embed_bytes  # tied head reads the embeddings
 
 
-def _compute_bytes(fp: Footprint, layers: LayerRange) -> int:
-    """Weights a hop reads per token: its blocks, plus the output head on the last hop."""
-    return sum(fp.layer_bytes[layers.start : layers.end]) + (_head_bytes(fp) if layers.end == fp.n_layer else 0)
+def head_cost_factor(fp: Footprint) -> float:
+    """The head's cost per byte relative to the blocks' for a node whose head was not probed: the same
+    cost per weight. A small CPU computing from cache is bound by the work per weight: on a 2-core EPYC
+    Gemma 3 270M's Q8_0 head (1.06 bytes/weight) cost 45-61 ps/weight against 46-76 for its Q4_K/Q5_0/
+    Q6_K blocks (0.67 bytes/weight), but 0.6x their cost per byte (docs/benchmarks.md). 1 without counts."""
+    blocks_b, blocks_w, head_b = sum(fp.layer_bytes), sum(fp.layer_params), _head_bytes(fp)
+    if not (blocks_b > 0 and blocks_w > 0 and head_b > 0 and fp.head_params > 0):
+        return 1.0
+    return (blocks_b / blocks_w) / (head_b / fp.head_params)
+
+
+def _head_rate(fp: Footprint, p: NodeProfile) -> float:
+    if p.head_s_per_byte is not None:
+        return p.head_s_per_byte
+    return p.decode_s_per_byte * head_cost_factor(fp)
+
+
+def _hop_s(fp: Footprint, p: NodeProfile, layers: LayerRange, n_batch: int) -> tuple[float, float]:
+    """(decode, prefill) compute seconds of node p running `layers`: its blocks, and the head on the last hop."""
+    blocks = sum(fp.layer_bytes[layers.start : layers.end])
+    head = _head_rate(fp, p) * _head_bytes(fp) if layers.end == fp.n_layer else 0.0
+    return (p.step_overhead_s + p.decode_s_per_byte * blocks + head,
+            p.step_overhead_s + p.prefill_s_per_byte * blocks * n_batch + head)
+
+
+def hop_decode_s(footprint: Footprint, profile: NodeProfile, layers: LayerRange) -> float:
+    """Predicted compute seconds of one decode step of `layers` on the node of `profile` (no links)."""
+    return _hop_s(footprint, profile, layers, 1)[0]
 
 
 def _measured(links: Links, a: str, b: str) -> tuple[float, float] | None:
@@ -185,9 +215,9 @@ def _parts(fp, by_id, route, links, n_batch) -> tuple[float, float, float, float
         rtt, bw = _link(prev, p, links)
         dl += _link_s(rtt, bw, h)
         pl += _link_s(rtt, bw, h * n_batch)
-        cb = _compute_bytes(fp, layers)
-        dc += p.step_overhead_s + p.decode_s_per_byte * cb
-        pc += p.step_overhead_s + p.prefill_s_per_byte * cb * n_batch
+        d, q = _hop_s(fp, p, layers, n_batch)
+        dc += d
+        pc += q
         prev = p
     return dc, dl, pc, pl
 
@@ -245,8 +275,10 @@ def llamacpp_plan(footprint: Footprint, profiles: Sequence[NodeProfile]) -> tupl
 
 def _check_profile(p: NodeProfile) -> None:
     bad = []
-    for name in ("decode_s_per_byte", "prefill_s_per_byte", "step_overhead_s"):
+    for name in ("decode_s_per_byte", "prefill_s_per_byte", "step_overhead_s", "head_s_per_byte"):
         v = getattr(p, name)
+        if v is None and name == "head_s_per_byte":
+            continue
         if not (math.isfinite(v) and v >= 0):
             bad.append(f"{name}={v}")
     if not p.rtt_s >= 0:  # inf is allowed: unreachable from the coordinator
@@ -344,8 +376,8 @@ class _Instance:
                     pair[u][x] = (_link_s(rtt, bw, h), _link_s(rtt, bw, h * n_batch))
         finite = [c for row in pair for c in row if math.isfinite(c[0]) and math.isfinite(c[1])]
         over = sum(p.step_overhead_s for p in nodes)
-        dmax = over + max(p.decode_s_per_byte for p in nodes) * total
-        pmax = over + max(p.prefill_s_per_byte for p in nodes) * total * n_batch
+        dmax = over + max(max(p.decode_s_per_byte, _head_rate(fp, p)) for p in nodes) * total
+        pmax = over + max(p.prefill_s_per_byte * n_batch + _head_rate(fp, p) for p in nodes) * total
         dmax += (n + 1) * max((c[0] for c in finite), default=0.0)
         pmax += (n + 1) * max((c[1] for c in finite), default=0.0)
         td, tp = (dmax or 1.0) / _SPAN, (pmax or 1.0) / _SPAN
@@ -371,8 +403,8 @@ class _Instance:
             self.qm.append(np.concatenate([[0], np.cumsum(np.array(ml, dtype=_I64))]).astype(_I64))
             self.od.append(tick(p.step_overhead_s, td))
             self.op.append(tick(p.step_overhead_s, tp))
-            self.hd.append(tick(p.decode_s_per_byte * head, td))
-            self.hp.append(tick(p.prefill_s_per_byte * head * n_batch, tp))
+            self.hd.append(tick(_head_rate(fp, p) * head, td))
+            self.hp.append(tick(_head_rate(fp, p) * head, tp))  # logits of the batch's last position only
 
         # Per free node: which ranges fit, and their costs as (L+1) x (L+1) tables (row start, column end).
         F = len(self.free)
