@@ -133,9 +133,12 @@ def _head_bytes(fp: Footprint) -> int:
 
 def head_cost_factor(fp: Footprint) -> float:
     """The head's cost per byte relative to the blocks' for a node whose head was not probed: the same
-    cost per weight. A small CPU computing from cache is bound by the work per weight: on a 2-core EPYC
-    Gemma 3 270M's Q8_0 head (1.06 bytes/weight) cost 45-61 ps/weight against 46-76 for its Q4_K/Q5_0/
-    Q6_K blocks (0.67 bytes/weight), but 0.6x their cost per byte (docs/benchmarks.md). 1 without counts."""
+    cost per weight (1 where the footprint has no weight counts).
+
+    A small CPU is bound by the work per weight more than by the bytes: on a 2-core EPYC, Gemma 3
+    270M's Q8_0 head (1.06 bytes/weight) cost about what its Q4_K/Q5_0/Q6_K blocks (0.67 bytes/weight)
+    cost per weight, and 0.6x their cost per byte (docs/benchmarks.md). Where reading the bytes is the
+    bound (many cores, large models), this underestimates a wider head; a probed head replaces it."""
     blocks_b, blocks_w, head_b = sum(fp.layer_bytes), sum(fp.layer_params), _head_bytes(fp)
     if not (blocks_b > 0 and blocks_w > 0 and head_b > 0 and fp.head_params > 0):
         return 1.0
