@@ -87,15 +87,17 @@ class ComputeProfile:
 
 
 # A probe counts as quiet when other processes took at most this share of its team's CPU time. On two
-# cores, a node process starting beside the probe (importing its modules) took ~50% and made a probe
-# 2-3x slower than on the idle machine.
+# cores, a coordinator that measured itself while a local swarm's nodes started recorded 0.20 ns/byte
+# against 0.065-0.075 on the quiet machine; nodes starting over and over beside a probe took 30-35% of
+# its team's CPU time and made it 1.4-2x slower (scripts/bench_probe.py, docs/benchmarks.md).
 BUSY = 0.10
 QUIET_WAIT_S = 10.0  # how long a probe waits, at most, for the machine to become quiet
 QUIET_WINDOW_S = 0.3  # the window over which the machine's other load is judged before probing
 PROBE_ROUNDS = 3  # rounds of decode steps and a prompt batch per shard (their median counts)
 # Decode steps are spaced out the way a pipeline spaces them: a hop waits for the rest of the route
 # between its steps, long enough for its OpenMP team to stop spinning and sleep, and pays the wake-up
-# in its next step (0.15-0.2 ms more for a 1-layer slice on two cores than steps back to back).
+# in its next step (a 1-layer slice on two cores: 0.01-0.03 ms more per step than back to back on the
+# quiet machine, 0.15-0.2 ms on a busy one).
 STEP_GAP_S = 0.001
 PROBE_ATTEMPTS = 3  # probes run until one is quiet, at most this many times (the least disturbed wins)
 PROFILE_MAX_AGE_S = 7 * 24 * 3600.0  # a cached profile older than this is measured again
