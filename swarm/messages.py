@@ -103,11 +103,15 @@ class ProbeOrder:
 
 @dataclass(frozen=True)
 class ComputeProfile:
-    """A node's measured compute: per byte of weights read, and a fixed cost per step."""
+    """A node's measured compute: per byte of weights read, and a fixed cost per step; how far the
+    measurement can be trusted (profiling.py)."""
 
     decode_s_per_byte: float
     prefill_s_per_byte: float  # per prompt token in a full batch
     step_overhead_s: float
+    head_s_per_byte: float | None = None  # decode cost per byte of the output head; None: not probed
+    contention: float | None = None  # share of the probe's CPU time others took while measuring; None: unknown
+    measured_at: float = 0.0  # unix time of the measurement
 
 
 @dataclass(frozen=True)

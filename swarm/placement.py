@@ -8,6 +8,7 @@ would not fit. It is a pure function: the same footprint and fleet always give t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -41,6 +42,8 @@ class Footprint:
     kv_bytes_per_position: tuple[int, ...]  # per layer, f16 K+V
     n_vocab: int
     n_embd: int
+    layer_params: tuple[int, ...] = ()  # weights (elements) of blk.i.* per layer; () if unknown
+    head_params: int = 0  # weights of the output head (output.weight, or the tied token embeddings)
 
     def lookahead(self, layers: LayerRange) -> int:
         """1 if the slicer gives this range a look-ahead block (same rule as slicing._choose_lookahead)."""
@@ -86,17 +89,21 @@ def footprint(model: GGUFFile) -> Footprint:
     arch = model.arch
     n_embd = int(model.get(f"{arch}.embedding_length", 0) or 0)
     layer_bytes = [0] * n_layer
+    layer_params = [0] * n_layer
     embed = output = norm = 0
+    embed_params = output_params = 0
     embed_row = n_vocab = 0
     for t in model.tensors:
         if t.name.startswith("blk."):
             i = int(t.name.split(".")[1])
             if i < n_layer:
                 layer_bytes[i] += t.nbytes
+                layer_params[i] += math.prod(t.shape)
         elif t.name == "token_embd.weight":
             embed, embed_row, n_vocab = t.nbytes, t.row_bytes, t.shape[1]
+            embed_params = math.prod(t.shape)
         elif t.name == "output.weight":
-            output = t.nbytes
+            output, output_params = t.nbytes, math.prod(t.shape)
         else:
             norm += t.nbytes
     if not embed:
@@ -112,7 +119,8 @@ def footprint(model: GGUFFile) -> Footprint:
         v = int(v_len) if v_len is not None else head_dim
         # Conservative: sliding-window layers are counted with the full context, like dense ones.
         kv.append(2 * (k * h_kv + v * h_kv))
-    return Footprint(n_layer, tuple(layer_bytes), embed, embed_row, output, norm, tuple(kv), n_vocab, n_embd)
+    return Footprint(n_layer, tuple(layer_bytes), embed, embed_row, output, norm, tuple(kv), n_vocab, n_embd,
+                     tuple(layer_params), output_params if output else embed_params)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -107,10 +108,18 @@ def test_predict_by_hand():
     route = [Assignment("c", LayerRange(0, 1)), Assignment("f", LayerRange(1, 4))]
     got = predict(fp, [coord, far], route, n_batch=8)
     decode = (0.001 + 1e-10 * 100e6) + (0.010 + 4000 / 1e6) + (0.002 + 2e-10 * 350e6)
-    prefill = (0.001 + 1e-12 * 100e6 * 8) + (0.010 + 8 * 4000 / 1e6) + (0.002 + 3e-12 * 350e6 * 8)
+    # A prompt batch runs its blocks for every position but the head for the last one only.
+    prefill = (0.001 + 1e-12 * 100e6 * 8) + (0.010 + 8 * 4000 / 1e6) + (0.002 + 3e-12 * 300e6 * 8 + 2e-10 * 50e6)
     assert got.decode_s == pytest.approx(decode, rel=REL)
     assert got.prefill_s == pytest.approx(prefill, rel=REL)
     assert got.decode_tps == pytest.approx(1 / decode)
+    # A probed head has its own cost per byte (a Q8_0 head beside Q4_K blocks costs less per byte).
+    headed = dataclasses.replace(far, head_s_per_byte=0.5e-10)
+    got = predict(fp, [coord, headed], route, n_batch=8)
+    assert got.decode_s == pytest.approx(decode - 2e-10 * 50e6 + 0.5e-10 * 50e6, rel=REL)
+    assert got.prefill_s == pytest.approx(prefill - 2e-10 * 50e6 + 0.5e-10 * 50e6, rel=REL)
+    assert planner.hop_decode_s(fp, headed, LayerRange(1, 4)) == pytest.approx(0.002 + 2e-10 * 300e6 + 0.5e-10 * 50e6)
+    assert planner.hop_decode_s(fp, headed, LayerRange(0, 1)) == pytest.approx(0.002 + 2e-10 * 100e6)
     # Starting on the far node costs its link from the coordinator; a link between two non-coordinator
     # nodes goes through the coordinator unless measured.
     other = NodeProfile("g", GB, 2e-10, 3e-12, rtt_s=0.020, bandwidth_bps=2e6)

@@ -98,7 +98,8 @@ class Coordinator:
                                    self.peers, self.stepper, self.recovery)
         self.desk = CheckpointDesk(self.sessions.get, self.files.shard_id, settings.n_batch)
         self.generation = Generation(self.tokenizer, settings, default_max_tokens, self.placement, self.sessions,
-                                     self.stepper, self.recovery, self.migration, self.recoveries)
+                                     self.stepper, self.recovery, self.migration, self.recoveries, self.measurer,
+                                     self.members)
         self._stop = threading.Event()
         self.placement.start()
         threading.Thread(target=self._watch_loop, name="heartbeats", daemon=True).start()

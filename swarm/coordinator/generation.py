@@ -20,6 +20,8 @@ from .. import messages as m
 from ..engine import Tokenizer
 from ..errors import BadInputError, CapacityError, PeerError
 from ..textstream import TextStream, check_stops
+from .measuring import Measurer
+from .members import Membership
 from .migration import Migration
 from .planning import Placement
 from .recovery import Recovery
@@ -37,10 +39,11 @@ class Generation:
 
     def __init__(self, tokenizer: Tokenizer, settings: m.ContextSettings, default_max_tokens: int,
                  placement: Placement, sessions: Sessions, stepper: Stepper, recovery: Recovery,
-                 migration: Migration, log_: RecoveryLog):
+                 migration: Migration, log_: RecoveryLog, measurer: Measurer, members: Membership):
         self.tokenizer, self.settings, self.default_max_tokens = tokenizer, settings, default_max_tokens
         self._placement, self._sessions, self._stepper = placement, sessions, stepper
         self._recovery, self._migration, self._log = recovery, migration, log_
+        self._measurer, self._members = measurer, members
 
     def generate(self, request: m.GenerateRequest, is_active: Callable[[], bool], wait_s: float = 120.0
                  ) -> Iterator[m.GenerateEvent]:
@@ -69,6 +72,12 @@ class Generation:
                 if session is not None:
                     self._stepper.close_everywhere(session)
                     self._sessions.remove(sid)
+                    # What the session's steps said of its nodes: probe again, or plan with it.
+                    todo = self._measurer.assess([h.node_id for h in session.route])
+                    if todo == "probe":
+                        self._placement.mark_dirty()
+                    elif todo == "plan":
+                        self._placement.recheck()
 
     def prompt_tokens(self, request: m.GenerateRequest) -> list[int]:
         if request.prompt is not None:
@@ -202,6 +211,9 @@ class Generation:
         session.tokens.extend(tokens)
         session.positions = start + len(tokens)
         self._stepper.note_compute(session, result)
+        if len(tokens) == 1 and self._sessions.count() == 1:
+            # A decode step alone on the route (another session's step would count in its compute).
+            self._measurer.observe(session.route, self._members.all(), result)
         for records, path, replayed, detected in recovered:
             for record in records:
                 self._log.note(record, path, time.monotonic() - detected, replayed)

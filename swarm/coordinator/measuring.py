@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Sequence
 
+from .. import calibration as cal
 from .. import messages as m
 from .. import planner
 from ..errors import NotReadyError, SwarmError
@@ -37,6 +39,9 @@ class Measurer:
         self._probed: dict[str, m.ProbeResult] = {}
         self._to_me: dict[str, m.Link] = {}  # each node's link to the coordinator
         self._links: dict[tuple[str, str], tuple[float, float]] = {}  # (a, b) -> (rtt_s, bandwidth_bps)
+        # Each node's probe corrected by the steps it runs (calibration.py), and who to probe afresh.
+        self._calibration: dict[str, cal.Calibration] = {}
+        self._refresh: set[str] = set()
 
     def probed(self, node_id: str) -> m.ProbeResult | None:
         with self._lock:
@@ -55,11 +60,14 @@ class Measurer:
         with self._lock:
             return dict(self._links)
 
-    def measure(self, members: Sequence[Member], say=lambda text: None) -> None:
-        """Profile members not yet measured: compute on slices of this model, and their link to here;
-        `say` hears what is being done. NotReadyError names those that could not be measured (left out of
-        plans for RETRY_S)."""
-        todo = [x for x in members if self.probed(x.node_id) is None]
+    def measure(self, members: Sequence[Member], say=lambda text: None, refresh: bool = False) -> None:
+        """Profile members not yet measured (with `refresh`, also those whose steps asked for a new probe:
+        only between sessions, a node refuses probes while it serves): compute on slices of this model,
+        and their link to here; `say` hears what is being done. NotReadyError names those that could not
+        be measured (left out of plans for RETRY_S)."""
+        with self._lock:
+            again = set(self._refresh) if refresh else set()
+        todo = [x for x in members if self.probed(x.node_id) is None or x.node_id in again]
         if not todo:
             return
         # Two middle slices: one layer, and as many more (up to 6) as fit a small budget, so that a
@@ -77,7 +85,9 @@ class Measurer:
         # would otherwise measure each other's load instead of their own speed.
         for x in todo:
             try:
-                self._measure_one(x, m.ProbeOrder(shards, 32, 128, refresh=x.is_self and self._reprofile))
+                with self._lock:
+                    refresh = (x.is_self and self._reprofile) or x.node_id in self._refresh
+                self._measure_one(x, m.ProbeOrder(shards, 32, 128, refresh=refresh))
             except SwarmError as e:
                 self._members.exclude(x.node_id, f"could not be measured: {e}; trying again in {RETRY_S:.0f} s")
                 failed.append(f"{x.name}: {e}")
@@ -94,26 +104,73 @@ class Measurer:
                                 self.footprint.n_embd * 4)
         with self._lock:
             self._probed[x.node_id], self._to_me[x.node_id] = result, link
+            before = self._calibration.get(x.node_id, cal.Calibration())
+            self._calibration[x.node_id] = before if result.cached else cal.probed(before, time.monotonic())
+            self._refresh.discard(x.node_id)
         p = result.profile
         log.info("measured %s: %.2f ns/byte decode, %.2f ms per step, %.2f ms round trip%s", x.name,
                  1e9 * p.decode_s_per_byte, 1e3 * p.step_overhead_s, 1e3 * link.rtt_s,
                  " (compute from its cache)" if result.cached else "")
 
     def profiles(self, members: Sequence[Member]) -> list[planner.NodeProfile]:
-        """The planner's view of measured members."""
+        """The planner's view of measured members: each probe corrected by the steps the node ran."""
         out = []
         for x in members:
-            probed, link = self.probed(x.node_id), self.link_to_me(x.node_id)
-            if probed is None:
-                continue
-            p = probed.profile
-            out.append(planner.NodeProfile(
-                node_id=x.node_id, memory=x.usable_memory(), decode_s_per_byte=p.decode_s_per_byte,
-                prefill_s_per_byte=p.prefill_s_per_byte, step_overhead_s=p.step_overhead_s,
-                rtt_s=link.rtt_s, bandwidth_bps=link.bandwidth_bps, pin=x.pin, is_coordinator=x.is_self,
-                memory_total=x.plan_resources.memory_total, memory_free=x.plan_resources.memory_available,
-            ))
+            base = self._base(x)
+            if base is not None:
+                with self._lock:
+                    scale = self._calibration.get(x.node_id, cal.Calibration()).scale
+                out.append(cal.corrected(base, scale))
         return out
+
+    def _base(self, x: Member) -> planner.NodeProfile | None:
+        """A member as its probe measured it (None: not measured)."""
+        probed, link = self.probed(x.node_id), self.link_to_me(x.node_id)
+        if probed is None or link is None:
+            return None
+        p = probed.profile
+        return planner.NodeProfile(
+            node_id=x.node_id, memory=x.usable_memory(), decode_s_per_byte=p.decode_s_per_byte,
+            prefill_s_per_byte=p.prefill_s_per_byte, step_overhead_s=p.step_overhead_s,
+            rtt_s=link.rtt_s, bandwidth_bps=link.bandwidth_bps, pin=x.pin, is_coordinator=x.is_self,
+            memory_total=x.plan_resources.memory_total, memory_free=x.plan_resources.memory_available,
+            head_s_per_byte=p.head_s_per_byte,
+        )
+
+    def observe(self, hops, members: Sequence[Member], result: m.StepResult) -> None:
+        """A decode step of a session alone on its route: each hop's compute against its probe's prediction."""
+        by_layers = {h.layers: h for h in hops}
+        by_id = {x.node_id: x for x in members}
+        for t in result.timings:
+            hop = by_layers.get(t.layers)
+            x = by_id.get(hop.node_id) if hop is not None else None
+            base = self._base(x) if x is not None else None
+            if base is None:
+                continue
+            predicted = planner.hop_decode_s(self.footprint, base, t.layers)
+            with self._lock:
+                now = self._calibration.get(x.node_id, cal.Calibration())
+                self._calibration[x.node_id] = cal.observe(now, [predicted], [t.compute_ms / 1e3])
+
+    def assess(self, node_ids: Sequence[str]) -> str:
+        """After a session: take what its steps say of each node. "probe": some node is to be measured
+        again (then planned); "plan": some node's speed moved (plan again if that changes the route);
+        "" otherwise."""
+        todo = ""
+        for node_id in node_ids:
+            with self._lock:
+                now = self._calibration.get(node_id)
+                if now is None:
+                    continue
+                verdict = cal.assess(now, time.monotonic())
+                self._calibration[node_id] = verdict.calibration
+                if verdict.reprobe:
+                    self._refresh.add(node_id)
+            if verdict.changed or verdict.reprobe:
+                log.info("node %s runs at %.2fx its probe's prediction%s", node_id, verdict.ratio,
+                         "; probing it again" if verdict.reprobe else "; planning with that")
+                todo = "probe" if verdict.reprobe or todo == "probe" else "plan"
+        return todo
 
     def measure_route(self, route, members: Sequence[Member]) -> None:
         """Measure the links between consecutive nodes of a new route (a link from here is the node's own,

@@ -58,6 +58,7 @@ class Placement:
         self._route: Route | None = None
         self._state, self._detail = "planning", "planning placement"
         self._dirty = True
+        self._recheck = False
         self._holdings: dict[str, Holding] = collections.defaultdict(Holding)
         self._prediction: planner.Prediction | None = None
         self._measured: collections.deque[float] = collections.deque(maxlen=20)
@@ -69,6 +70,12 @@ class Placement:
         """The membership changed: plan again once no session runs."""
         with self._cond:
             self._dirty = True
+            self._cond.notify_all()
+
+    def recheck(self) -> None:
+        """Nodes' measured speeds moved: plan again, and reload only if that changes the route."""
+        with self._cond:
+            self._recheck = True
             self._cond.notify_all()
 
     def poke(self) -> None:
@@ -161,10 +168,14 @@ class Placement:
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:
-                while not self._stop.is_set() and not self._dirty:
+                while not self._stop.is_set() and not self._dirty and not self._recheck:
                     self._cond.wait(0.5)
                 if self._stop.is_set():
                     return
+                recheck, self._recheck = self._recheck and not self._dirty, False
+            if recheck:
+                self._replan_in_place()
+                continue
             try:
                 # Newcomers are measured while the current route keeps serving.
                 self._measurer.measure(self._members.plannable(), self.say)
@@ -205,13 +216,40 @@ class Placement:
                     self.mark_dirty()
                     self._stop.wait(2.0)
 
-    def _apply(self, members: Sequence[Member]) -> None:
-        self._measurer.measure(members, self.say)  # anyone who joined since the measuring pass
+    def _plan(self, members: Sequence[Member]) -> planner.MeasuredPlan:
         s = self.settings
         current = {x.node_id: self.holding(x.node_id).layers for x in members}
         current = {k: v for k, v in current.items() if v is not None}
-        plan = planner.plan_measured(self._measurer.footprint, self._measurer.profiles(members), s.n_ctx,
+        return planner.plan_measured(self._measurer.footprint, self._measurer.profiles(members), s.n_ctx,
                                      s.max_sessions, s.n_batch, links=self._measurer.links(), current=current)
+
+    def _replan_in_place(self) -> None:
+        """Plan with the nodes' corrected speeds; keep the route (and the sessions on it) when that plan is
+        the route itself, else replace it like any re-plan."""
+        members = self._members.plannable()
+        try:
+            plan = self._plan(members)
+        except SwarmError as e:
+            log.info("re-planning with measured speeds: %s", e)
+            return
+        route = self.route()
+        if route is None or [(a.node_id, a.layers) for a in plan.assignments] != [(h.node_id, h.layers)
+                                                                                 for h in route]:
+            self.mark_dirty()
+            return
+        prediction = planner.predict(self._measurer.footprint, self._measurer.profiles(members), plan.assignments,
+                                     self.settings.n_batch, links=self._measurer.links())
+        with self._cond:
+            self._prediction = prediction  # (the speeds measured are of this same route: they stay)
+            for x in members:
+                self._holdings[x.node_id].reason = plan.reasons.get(x.node_id, "")
+        log.info("placement unchanged by the measured speeds; predicted %.1f tokens/s", prediction.decode_tps)
+
+    def _apply(self, members: Sequence[Member]) -> None:
+        # Anyone who joined since the measuring pass; nodes whose steps asked for a new probe (no session runs).
+        self._measurer.measure(members, self.say, refresh=True)
+        s = self.settings
+        plan = self._plan(members)
         by_id = {x.node_id: x for x in members}
         with self._cond:
             for x in members:

@@ -127,6 +127,10 @@ class Sessions:
         with self._lock:
             return list(self._sessions.values())
 
+    def count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
     def busy(self) -> bool:
         with self._lock:
             return bool(self._sessions)

@@ -18,11 +18,11 @@ One job per module:
 """
 
 from .baselines import exo_plan, llamacpp_plan
-from .cost import Links, NodeProfile, Prediction, predict
+from .cost import Links, NodeProfile, Prediction, head_cost_factor, hop_decode_s, predict
 from .heuristic import HEURISTIC_EVALS
 from .plan import EXACT_LIMIT, MeasuredPlan, plan_measured
 
 __all__ = [
     "EXACT_LIMIT", "HEURISTIC_EVALS", "Links", "MeasuredPlan", "NodeProfile", "Prediction", "exo_plan",
-    "llamacpp_plan", "plan_measured", "predict",
+    "head_cost_factor", "hop_decode_s", "llamacpp_plan", "plan_measured", "predict",
 ]

@@ -6,8 +6,12 @@ nested calls coordinator -> hop 1 -> hop 2 -> ... -> last hop.
 * compute bytes of a range = its blocks' weights, plus the output head if the range is the last one
   (output.weight, or the token embeddings when the head is tied to them); the first shard's
   embedding lookup reads one row and is left out.
-* a hop costs step_overhead_s + decode_s_per_byte * compute bytes per decoded token, and
-  step_overhead_s + prefill_s_per_byte * compute bytes * n_batch per prompt batch of n_batch tokens.
+* a hop costs step_overhead_s + decode_s_per_byte * block bytes + head_s_per_byte * head bytes per
+  decoded token (head_s_per_byte: the node's probed cost per byte of the output head, whose tensor
+  type often differs from the blocks'; without a head probe, decode_s_per_byte * head_cost_factor:
+  the blocks' cost per weight, where the footprint counts weights), and
+  step_overhead_s + prefill_s_per_byte * block bytes * n_batch + head_s_per_byte * head bytes per
+  prompt batch of n_batch tokens (the head computes logits for the batch's last position only).
 * a link costs rtt + payload / bandwidth, with payload = n_embd * 4 bytes (one position of f32 hidden
   state) per decoded token and n_batch times that per prompt batch. The links of a route are:
   coordinator -> first hop (free when the first hop is the coordinator itself), then each consecutive
@@ -47,6 +51,7 @@ class NodeProfile:
     is_coordinator: bool = False
     memory_total: int = 0  # for the baselines (exo)
     memory_free: int = 0  # for the baselines (llama.cpp RPC)
+    head_s_per_byte: float | None = None  # seconds per byte of the output head in a decode step; None: as blocks
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,37 @@ def _head_bytes(fp: Footprint) -> int:
     return fp.output_bytes if fp.output_bytes > 0 else fp.embed_bytes  # tied head reads the embeddings
 
 
-def _compute_bytes(fp: Footprint, layers: LayerRange) -> int:
-    """Weights a hop reads per token: its blocks, plus the output head on the last hop."""
-    return sum(fp.layer_bytes[layers.start : layers.end]) + (_head_bytes(fp) if layers.end == fp.n_layer else 0)
+def head_cost_factor(fp: Footprint) -> float:
+    """The head's cost per byte relative to the blocks' for a node whose head was not probed: the same
+    cost per weight (1 where the footprint has no weight counts).
+
+    A small CPU is bound by the work per weight more than by the bytes: on a 2-core EPYC, Gemma 3
+    270M's Q8_0 head (1.06 bytes/weight) cost about what its Q4_K/Q5_0/Q6_K blocks (0.67 bytes/weight)
+    cost per weight, and 0.6x their cost per byte (docs/benchmarks.md). Where reading the bytes is the
+    bound (many cores, large models), this underestimates a wider head; a probed head replaces it."""
+    blocks_b, blocks_w, head_b = sum(fp.layer_bytes), sum(fp.layer_params), _head_bytes(fp)
+    if not (blocks_b > 0 and blocks_w > 0 and head_b > 0 and fp.head_params > 0):
+        return 1.0
+    return (blocks_b / blocks_w) / (head_b / fp.head_params)
+
+
+def _head_rate(fp: Footprint, p: NodeProfile) -> float:
+    if p.head_s_per_byte is not None:
+        return p.head_s_per_byte
+    return p.decode_s_per_byte * head_cost_factor(fp)
+
+
+def _hop_s(fp: Footprint, p: NodeProfile, layers: LayerRange, n_batch: int) -> tuple[float, float]:
+    """(decode, prefill) compute seconds of node p running `layers`: its blocks, and the head on the last hop."""
+    blocks = sum(fp.layer_bytes[layers.start : layers.end])
+    head = _head_rate(fp, p) * _head_bytes(fp) if layers.end == fp.n_layer else 0.0
+    return (p.step_overhead_s + p.decode_s_per_byte * blocks + head,
+            p.step_overhead_s + p.prefill_s_per_byte * blocks * n_batch + head)
+
+
+def hop_decode_s(footprint: Footprint, profile: NodeProfile, layers: LayerRange) -> float:
+    """Predicted compute seconds of one decode step of `layers` on the node of `profile` (no links)."""
+    return _hop_s(footprint, profile, layers, 1)[0]
 
 
 def _measured(links: Links, a: str, b: str) -> tuple[float, float] | None:
@@ -125,9 +158,9 @@ def _parts(fp, by_id, route, links, n_batch) -> tuple[float, float, float, float
         rtt, bw = _link(prev, p, links)
         dl += _link_s(rtt, bw, h)
         pl += _link_s(rtt, bw, h * n_batch)
-        cb = _compute_bytes(fp, layers)
-        dc += p.step_overhead_s + p.decode_s_per_byte * cb
-        pc += p.step_overhead_s + p.prefill_s_per_byte * cb * n_batch
+        d, q = _hop_s(fp, p, layers, n_batch)
+        dc += d
+        pc += q
         prev = p
     return dc, dl, pc, pl
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..layers import LayerRange
 from ..placement import Footprint
-from .cost import NodeProfile, _head_bytes, _link, _link_s
+from .cost import NodeProfile, _head_bytes, _head_rate, _link, _link_s
 
 _SPAN = 1 << 60  # ticks in the largest cost a route could have
 _INF = 1 << 61  # "impossible": above every route's cost (at most _SPAN plus rounding); 3 * _INF fits int64
@@ -93,8 +93,8 @@ class _Instance:
                     pair[u][x] = (_link_s(rtt, bw, h), _link_s(rtt, bw, h * n_batch))
         finite = [c for row in pair for c in row if math.isfinite(c[0]) and math.isfinite(c[1])]
         over = sum(p.step_overhead_s for p in nodes)
-        dmax = over + max(p.decode_s_per_byte for p in nodes) * total
-        pmax = over + max(p.prefill_s_per_byte for p in nodes) * total * n_batch
+        dmax = over + max(max(p.decode_s_per_byte, _head_rate(fp, p)) for p in nodes) * total
+        pmax = over + max(p.prefill_s_per_byte * n_batch + _head_rate(fp, p) for p in nodes) * total
         dmax += (n + 1) * max((c[0] for c in finite), default=0.0)
         pmax += (n + 1) * max((c[1] for c in finite), default=0.0)
         td, tp = (dmax or 1.0) / _SPAN, (pmax or 1.0) / _SPAN
@@ -120,8 +120,8 @@ class _Instance:
             self.qm.append(np.concatenate([[0], np.cumsum(np.array(ml, dtype=_I64))]).astype(_I64))
             self.od.append(tick(p.step_overhead_s, td))
             self.op.append(tick(p.step_overhead_s, tp))
-            self.hd.append(tick(p.decode_s_per_byte * head, td))
-            self.hp.append(tick(p.prefill_s_per_byte * head * n_batch, tp))
+            self.hd.append(tick(_head_rate(fp, p) * head, td))
+            self.hp.append(tick(_head_rate(fp, p) * head, tp))  # logits of the batch's last position only
 
         # Per free node: which ranges fit, and their costs as (L+1) x (L+1) tables (row start, column end).
         F = len(self.free)

@@ -36,8 +36,10 @@ class MeasuredPlan:
 
 def _check_profile(p: NodeProfile) -> None:
     bad = []
-    for name in ("decode_s_per_byte", "prefill_s_per_byte", "step_overhead_s"):
+    for name in ("decode_s_per_byte", "prefill_s_per_byte", "step_overhead_s", "head_s_per_byte"):
         v = getattr(p, name)
+        if v is None and name == "head_s_per_byte":
+            continue
         if not (math.isfinite(v) and v >= 0):
             bad.append(f"{name}={v}")
     if not p.rtt_s >= 0:  # inf is allowed: unreachable from the coordinator
