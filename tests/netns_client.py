@@ -13,7 +13,10 @@ with SwarmClient(address, key=key) as client:
     while True:
         try:
             status = client.status()
-            if status["state"] == "ready" and len(status["nodes"]) == nodes:
+            # Every node has joined and holds what the plan gave it: a session begun while the coordinator
+            # is ready on its own keeps that first route, and cutting a node would then change nothing.
+            if status["state"] == "ready" and len(status["nodes"]) == nodes and all(
+                    node["state"] in ("ready", "idle") for node in status["nodes"]):
                 break
         except Exception:  # not listening yet
             pass
