@@ -140,3 +140,21 @@ def test_chat_sends_the_conversation_so_far_and_reset_forgets_it(monkeypatch, ca
     out = capsys.readouterr()
     assert out.out == "> answer 1\n> answer 2\n> > answer 3\n> "
     assert "(conversation forgotten)" in out.err
+
+
+def test_a_restarted_coordinator_never_hands_out_an_id_its_earlier_run_gave():
+    """A node that heartbeats with an id from the coordinator's previous run must be unknown to the new one
+    (it then joins again); were ids only counters, it would be taken for whoever holds that number now."""
+    from swarm import messages as m
+    from swarm.coordinator.members import Member, Membership
+
+    def run():
+        me = Member("n0", "coord", "127.0.0.1:1", "127.0.0.1:2", m.Resources(8 << 30, 8 << 30), None, is_self=True)
+        return Membership(me, on_gone=lambda *a: None, on_change=lambda: None)
+
+    request = m.JoinRequest("box", 7700, 7701, m.Resources(8 << 30, 8 << 30))
+    before, after = run(), run()
+    old = before.admit(request, "127.0.0.1:3", "127.0.0.1:4", unreachable=lambda x: False)
+    new = after.admit(request, "127.0.0.1:5", "127.0.0.1:6", unreachable=lambda x: False)
+    assert old.node_id != new.node_id
+    assert after.known(old.node_id) is None and after.known(new.node_id) is new

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,10 @@ class Membership:
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {me.node_id: me}
         self._ids = itertools.count(1)
+        # Ids carry this coordinator's own random mark: a node that heartbeats with the id an earlier run of
+        # the coordinator gave it must hear "unknown" and join again, not be taken for whoever holds that
+        # number now (it once stayed out of a restarted swarm for good that way).
+        self._mark = secrets.token_hex(3)
         self._losses: dict[str, list[float]] = {}  # address -> when it was lost (flapping back-off)
         self._former: collections.OrderedDict[str, Member] = collections.OrderedDict()  # recently removed
         self._on_gone, self._on_change = on_gone, on_change
@@ -131,7 +136,7 @@ class Membership:
                         f"layers {pin} overlap {x.pin}, already pinned to node {x.name} ({x.address}); "
                         "pin a range that no other node holds"
                     )
-            member = Member(f"n{next(self._ids)}", self._unique(request.name.strip()), address, steps,
+            member = Member(f"n{next(self._ids)}.{self._mark}", self._unique(request.name.strip()), address, steps,
                             request.resources, pin)
             wait = failover.backoff_s(self._losses.get(address, []), time.monotonic())
             if wait:  # it keeps dropping out: plan without it for a while, longer each time
