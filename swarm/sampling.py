@@ -41,6 +41,12 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+# What a chat uses when the user names no sampling options: Ollama's defaults (a small model sampled
+# greedily tends to loop). Raw completion stays greedy by default; `temperature=0` is greedy anywhere.
+CHAT_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1,
+                               repeat_last_n=64)
+
+
 class Sampler:
     """Stateful per session: remembers recent tokens for the repeat penalty and owns the RNG."""
 
