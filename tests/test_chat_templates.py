@@ -270,8 +270,8 @@ def test_default_model_is_the_instruct_model_and_its_chat_answers_the_question(s
     question sensibly: most seeds name Everest (greedy, the model loops; sampled, it rarely misses)."""
     assert resolve_model("default") == smollm2_path()
     answers = []
-    for seed in range(5):
-        done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-p", ASK["content"], "-n", "48",
+    for seed in range(6):
+        done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-p", ASK["content"], "-n", "64",
                                "--seed", str(seed), "--coordinator", smol.address, "--key", KEY],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
