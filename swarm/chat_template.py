@@ -75,6 +75,9 @@ def as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise BadInputError(f"chat message {i} needs a role and a text content, e.g. "
                                 "{'role': 'user', 'content': 'Hello'}")
+        if len(role) > 64 or not role.isprintable():
+            raise BadInputError(f"chat message {i} has a role of {len(role)} characters; a role is a short name "
+                                "such as system, user, assistant or tool")
         if "\x00" in content:
             raise BadInputError("a chat message cannot contain NUL characters")
         out.append({"role": role, "content": content})

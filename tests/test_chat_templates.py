@@ -180,6 +180,20 @@ def test_templates_run_sandboxed_and_their_errors_are_bad_input(tmp_path, templa
         tok.close()
 
 
+@pytest.mark.parametrize("messages,says", [
+    ([{"role": "user"}], "needs a role and a text content"),
+    ([("user", 7)], "needs a role and a text content"),
+    ([{"role": "", "content": "hi"}], "needs a role"),
+    ([{"role": "u" * 65, "content": "hi"}], "a role is a short name"),
+    ([{"role": "user", "content": "a\x00b"}], "NUL"),
+])
+def test_messages_are_checked_before_any_template_sees_them(messages, says):
+    from swarm.chat_template import ChatTemplate
+
+    with pytest.raises(BadInputError, match=says):
+        ChatTemplate(_smollm2_template(), "<|im_start|>", "<|im_end|>").render(messages)
+
+
 def test_a_template_that_does_not_compile_refuses_chat_and_keeps_raw_completion(tmp_path):
     path = write_tiny_llama(tmp_path / "broken.gguf", chat_template="{% for message in messages %}{{ message")
     tok = Tokenizer(path)

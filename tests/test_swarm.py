@@ -102,6 +102,7 @@ def test_status_json_shows_the_layer_map(three):
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert status["state"] == "ready" and status["n_layer"] == 18
+    assert status["chat_template"] == "llama.cpp built-in gemma"  # Gemma 3 270M's GGUF carries no template
     spans = sorted((n["layers"]["start"], n["layers"]["end"]) for n in status["nodes"] if n["has_layers"])
     assert spans == [(0, 6), (6, 12), (12, 18)]
     assert all(n["state"] == "ready" for n in status["nodes"])
