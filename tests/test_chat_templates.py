@@ -276,6 +276,12 @@ def test_greedy_chat_through_the_swarm_equals_llama_cpp_pythons_create_chat_comp
     assert got.prompt_tokens == len(prompt)
     assert got.tokens == answer
     assert got.text == text
+    if conversation == "one-question":  # the command line too, one option away from its sampled default
+        done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-p", ASK["content"], "-n", str(n),
+                               "--temperature", "0", "--coordinator", smol.address, "--key", KEY],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == text + "\n"
     assert smol.client.status()["chat_template"] == "gguf (jinja)"
 
 
