@@ -21,7 +21,7 @@ from ..errors import BadInputError, EngineError, ModelFileError, UnsupportedMode
 from ..gguf_file import read_gguf
 from .backend import _llama, _load_model
 
-# When a GGUF carries no `tokenizer.chat_template` (some conversions drop it, the default model's among
+# When a GGUF carries no `tokenizer.chat_template` (some conversions drop it, Gemma 3 270M's among
 # them), the architecture's own format, by the name llama.cpp knows it under.
 _FALLBACK_TEMPLATES = {"gemma3": b"gemma", "gemma2": b"gemma", "gemma": b"gemma", "qwen2": b"chatml", "qwen3": b"chatml"}
 
@@ -69,7 +69,7 @@ class Tokenizer:
         """The prompt tokens for a conversation ((role, content) pairs or dicts), ending with the
         assistant's turn opened."""
         if self._template_error is not None:
-            raise self._template_error
+            raise UnsupportedModelError(str(self._template_error))
         if self._template is not None:
             text = self._template.render(messages, add_generation_prompt=True)
             return self.tokenize(text, add_special=False, parse_special=True)
