@@ -66,7 +66,7 @@ def run_at_once(client, prompts: list[str], n_decode: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--sessions", type=int, default=4)
     ap.add_argument("--decode", type=int, default=96, help="tokens generated per session")

@@ -4,7 +4,7 @@
 Every configuration runs in its own fresh process (so peak RSS is its own), and the configurations
 take turns round by round, so machine noise falls on all of them alike. Medians are reported.
 
-    python scripts/bench_engine.py                 # default model, 5 rounds
+    python scripts/bench_engine.py                 # Gemma 3 270M (gemma3-270m), 5 rounds
     python scripts/bench_engine.py --rounds 9 --threads 2
 """
 
@@ -113,7 +113,7 @@ def measure(config: str, model: str, threads: int, n_decode: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="threads for every configuration (default: physical cores)")
     ap.add_argument("--decode", type=int, default=128, help="decode steps timed per run")

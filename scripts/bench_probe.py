@@ -11,7 +11,7 @@ at the probed head's own cost. Then probes while nodes start beside it: once at 
 The load is what a node starting beside the probe does: Python importing the swarm and loading
 llama.cpp, again and again.
 
-    python scripts/bench_probe.py                 # default model, 2 threads, 5 repetitions (medians)
+    python scripts/bench_probe.py                 # Gemma 3 270M (gemma3-270m), 2 threads, 5 repetitions (medians)
     python scripts/bench_probe.py --threads 1 --reps 3
 """
 
@@ -35,7 +35,7 @@ START = ("import subprocess, sys, time\nt = time.time()\nwhile time.time() - t <
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--unbound", action="store_true", help="do not bind the OpenMP team as a node does")

@@ -175,7 +175,7 @@ def main() -> int:
     if os.environ.get("BENCH_LOG"):
         logging.basicConfig(filename=os.environ["BENCH_LOG"], level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--contexts", default="128,512,2048")
     ap.add_argument("--control", action="store_true",

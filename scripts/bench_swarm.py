@@ -9,7 +9,7 @@ with the median of each round's ratio to that round's reference beside the ratio
 swarm's per-token time split into compute (llama.cpp, summed over the hops), serialization (hidden
 states to bytes and back), sampling, and network (everything else: gRPC, loopback, scheduling).
 
-    python scripts/bench_swarm.py                  # default model, 5 rounds, 128 decode tokens
+    python scripts/bench_swarm.py                  # Gemma 3 270M (gemma3-270m), 5 rounds, 128 decode tokens
     python scripts/bench_swarm.py --rounds 9 --nodes 2,3
     git worktree add /tmp/old REV && python scripts/bench_swarm.py --baseline /tmp/old   # this code against REV
 """
@@ -152,7 +152,7 @@ def take_turns(ref: subprocess.Popen, swarms: dict[str, ProcSwarm], rounds: int,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--nodes", default="1,2,3", help="swarm sizes to measure (default 1,2,3)")
     ap.add_argument("--decode", type=int, default=128, help="tokens generated per round")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Transports for the per-token step, on the real shards and nothing else of the swarm.
 
-Three processes hold the default model's layers 0:6, 6:12 and 12:18 (this project's engine, 2 threads
+Three processes hold Gemma 3 270M's layers 0:6, 6:12 and 12:18 (this project's engine, 2 threads
 each) and pass each step's hidden states along, the last one answering with the greedy token. Only the
 transport between them differs: gRPC unary calls waited on as futures (as the swarm's nodes did), gRPC
 unary blocking calls, one gRPC bidirectional stream per hop, or plain TCP sockets kept open (as the step
@@ -36,7 +36,7 @@ def load(role: int):
     from swarm.models import resolve_model
     from swarm.slicing import slice_model
 
-    model = resolve_model("default")
+    model = resolve_model("gemma3-270m")
     path = model if role < 0 else slice_model(model, LayerRange(*RANGES[role])).path
     return Shard(path, n_ctx=1024, n_threads=2)
 

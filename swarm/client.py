@@ -22,7 +22,7 @@ from . import discovery, wire
 from . import messages as m
 from .cache import local_key
 from .errors import AuthError, BadInputError
-from .sampling import SamplingParams
+from .sampling import SamplingParams, chat_sampling
 from .wire.convert_client import timings_dict
 
 __all__ = ["SwarmClient", "Generation", "Completion"]
@@ -105,7 +105,7 @@ class SwarmClient:
     def chat(self, messages: Iterable[Mapping[str, str] | tuple[str, str]], **options) -> Generation:
         """The assistant's reply to a conversation, streamed; formatted with the model's chat template."""
         pairs = tuple((x["role"], x["content"]) if isinstance(x, Mapping) else tuple(x) for x in messages)
-        return self._start(self._request(options, messages=pairs))
+        return self._start(self._request(options, chat=True, messages=pairs))
 
     def chat_complete(self, messages: Iterable[Mapping[str, str] | tuple[str, str]], **options) -> Completion:
         """The assistant's reply to a conversation, returned when finished."""
@@ -119,9 +119,11 @@ class SwarmClient:
         return Generation(self._link.generate(request))
 
     @staticmethod
-    def _request(options: dict, **input_) -> m.GenerateRequest:
-        """Options: max_tokens, temperature (0 = greedy, the default), top_k, top_p, min_p, repeat_penalty,
-        repeat_last_n, seed, stop (a string or a list), timings (bool)."""
+    def _request(options: dict, chat: bool = False, **input_) -> m.GenerateRequest:
+        """Options: max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop (a
+        string or a list), timings (bool). Raw completion is greedy unless told otherwise; a chat samples
+        with `sampling.CHAT_DEFAULTS` (Ollama's) in place of the options not given, and temperature=0 is
+        greedy there too."""
         allowed = {"max_tokens", "stop", "timings"} | set(SamplingParams.__dataclass_fields__)
         unknown = set(options) - allowed
         if unknown:
@@ -132,7 +134,7 @@ class SwarmClient:
         if max_tokens < 0:
             raise BadInputError("max_tokens must be 0 (the coordinator's default) or positive")
         timings = bool(options.pop("timings", False))
-        sampling = SamplingParams(**options)
+        sampling = chat_sampling(**options) if chat else SamplingParams(**options)
         return m.GenerateRequest(max_tokens=max_tokens, sampling=sampling, stop=tuple(stop), timings=timings,
                                  **input_)
 

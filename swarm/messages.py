@@ -407,3 +407,4 @@ class StatusReport:
     measured_sessions: int = 0
     recoveries: tuple[RecoveryReport, ...] = ()
     checkpoints: CheckpointCounts = CheckpointCounts()
+    chat_template: str = ""  # how chats are rendered: "gguf (jinja)", "llama.cpp built-in NAME" or "none"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import numpy as np
@@ -45,6 +45,17 @@ class SamplingParams:
 # greedily tends to loop). Raw completion stays greedy by default; `temperature=0` is greedy anywhere.
 CHAT_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1,
                                repeat_last_n=64)
+
+
+def chat_sampling(**given) -> SamplingParams:
+    """A chat's sampling: CHAT_DEFAULTS with the options the user named (None: not named) put in their place.
+
+    `temperature=0` asks for greedy, the mode "identical output" is measured in: the other defaults are then
+    SamplingParams' (no repeat penalty) unless named too, so it matches llama-cpp-python's greedy answer.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    base = SamplingParams() if given.get("temperature", 1.0) <= 0 else CHAT_DEFAULTS
+    return replace(base, **given)
 
 
 class Sampler:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default model, references from plain llama-cpp-python, a tiny llama model."""
+"""Shared fixtures: the real Gemma 3 270M model, references from plain llama-cpp-python, a tiny llama model."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ N_CTX = 512
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Shards and digests go to a fresh cache; the assembled default model is reused if present."""
+    """Shards and digests go to a fresh cache; the assembled Gemma model is reused if present."""
     root = tmp_path_factory.mktemp("swarm-cache")
     old = os.environ.get("SWARM_CACHE_DIR")
     os.environ["SWARM_CACHE_DIR"] = str(root)
@@ -34,9 +34,10 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_path(_private_cache) -> Path:
-    from swarm.models import default_model_path
+    """Gemma 3 270M: its sliding-window attention is the hard case for exact cuts (not the chat default)."""
+    from swarm.models import gemma_path
 
-    return default_model_path()
+    return gemma_path()
 
 
 class Reference:

@@ -1,4 +1,4 @@
-"""The coordinator's own node and its members, in real processes with the real default model.
+"""The coordinator's own node and its members, in real processes with the real Gemma 3 270M model.
 
 - The node on the coordinator's machine loads the model file where it lies: before, it fetched the
   whole model from its own coordinator into the shard cache (a second copy of every model run).

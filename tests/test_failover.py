@@ -1,4 +1,4 @@
-"""Surviving node failures with real processes on 127.0.0.1 and the real default model.
+"""Surviving node failures with real processes on 127.0.0.1 and the real Gemma 3 270M model.
 
 Each test starts a coordinator that hosts no layers (so it can take any range over) and three nodes
 pinned to 0:6, 6:12 and 12:18, generates 128 greedy tokens, and breaks a node at a random token

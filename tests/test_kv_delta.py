@@ -1,6 +1,6 @@
 """KV checkpoints as deltas: a full state, then only the cells that changed, put back together exactly.
 
-Real llama.cpp and the default model's shards: a session grows past Gemma 3's 512-position sliding
+Real llama.cpp and Gemma 3 270M's shards: a session grows past Gemma 3's 512-position sliding
 window (its window cache drops old cells as new ones come), and the chain of deltas must join into
 exactly the bytes llama.cpp exports at the end, and import into a fresh shard that then computes
 exactly what the original does. Damaged or mismatched pieces are refused with KVStateError.

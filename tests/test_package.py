@@ -23,7 +23,8 @@ ROOT = Path(swarm.__file__).parent
 LAYERS = [
     {"errors", "layers", "messages", "sampling", "textstream", "cache", "shardcache", "models", "gguf_file",
      "slicing", "kvstate", "_proto"},  # the shared vocabulary and the files
-    {"engine", "profiling", "transfer", "planner", "placement", "failover", "discovery", "calibration"},
+    {"engine", "chat_template", "profiling", "transfer", "planner", "placement", "failover", "discovery",
+     "calibration"},
     {"node", "chain"},
     {"wire"},
     {"coordinator"},
@@ -112,7 +113,7 @@ def test_swarm_run_streams_the_reference_text_through_three_shards(reference, _p
     import llama_cpp
 
     n = 24
-    done = _cli("run", "-p", prompt, "-n", str(n), "--shards", "3", "--stats")
+    done = _cli("run", "-m", "gemma3-270m", "-p", prompt, "-n", str(n), "--shards", "3", "--stats")
     assert done.returncode == 0, done.stderr
     assert "cut into 3 shards: 0:6 (first" in done.stderr
     assert "decode" in done.stderr and "tokens/s" in done.stderr
@@ -130,7 +131,7 @@ def test_a_shard_of_global_attention_layers_only_runs_or_is_refused_clearly(refe
     _, expected, _ = reference.run(prompt)
     import llama_cpp
 
-    done = _cli("run", "-p", prompt, "-n", str(n), "--split", "0:17,17:18")
+    done = _cli("run", "-m", "gemma3-270m", "-p", prompt, "-n", str(n), "--split", "0:17,17:18")
     if done.returncode == 2:  # refused: it must say which range and why, as every CLI error does
         assert "17:18" in done.stderr and "Traceback" not in done.stderr, done.stderr
         return
@@ -140,7 +141,7 @@ def test_a_shard_of_global_attention_layers_only_runs_or_is_refused_clearly(refe
 
 
 def test_swarm_shard_and_info(model_path, tmp_path):
-    done = _cli("shard", "--layers", "6:12", "-o", str(tmp_path))
+    done = _cli("shard", "-m", "gemma3-270m", "--layers", "6:12", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
     path = done.stdout.strip()
     assert path.endswith("-L6-12.gguf")
@@ -152,10 +153,10 @@ def test_swarm_shard_and_info(model_path, tmp_path):
     "args,message",
     [
         (["run", "-m", "/nonexistent.gguf"], "does not exist"),
-        (["run", "--split", "0:6,6:20"], "the model has 18 layers"),
+        (["run", "-m", "gemma3-270m", "--split", "0:6,6:20"], "the model has 18 layers"),
         (["run", "--split", "0-6"], "START:END"),
         (["run", "--top-p", "2"], "top_p must be in"),
-        (["shard", "--layers", "10:30"], "outside the model"),
+        (["shard", "-m", "gemma3-270m", "--layers", "10:30"], "outside the model"),
         (["run", "-n", "600"], "raise --ctx or lower --max-tokens"),
         (["run", "--threads", "-2"], "--threads must be at least 1"),
         (["run", "--shards", "0"], "--shards must be at least 1"),

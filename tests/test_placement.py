@@ -1,4 +1,4 @@
-"""The placement planner: pure logic on synthetic footprints, plus the real default model's footprint."""
+"""The placement planner: pure logic on synthetic footprints, plus the real Gemma 3 270M model's footprint."""
 
 from __future__ import annotations
 

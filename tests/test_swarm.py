@@ -1,4 +1,4 @@
-"""The swarm over the network: real `swarm join` processes on 127.0.0.1, the real default model.
+"""The swarm over the network: real `swarm join` processes on 127.0.0.1, the real Gemma 3 270M model.
 
 One three-node swarm (coordinator 0:6, nodes 6:12 and 12:18, each node with its own empty cache so
 shard files travel over gRPC, one chunk corrupted on purpose) serves most tests; a two-node swarm found
@@ -102,6 +102,7 @@ def test_status_json_shows_the_layer_map(three):
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert status["state"] == "ready" and status["n_layer"] == 18
+    assert status["chat_template"] == "llama.cpp built-in gemma"  # Gemma 3 270M's GGUF carries no template
     spans = sorted((n["layers"]["start"], n["layers"]["end"]) for n in status["nodes"] if n["has_layers"])
     assert spans == [(0, 6), (6, 12), (12, 18)]
     assert all(n["state"] == "ready" for n in status["nodes"])
@@ -133,17 +134,17 @@ def test_cli_generate_streams_the_reference_text(three, reference, model_path):
 
 
 def test_chat_answers_once_with_the_models_template(three):
-    done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-p", "Say hello.", "-n", "12",
+    done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-p", "Say hello.", "-n", "12", "--temperature", "0",
                            "--coordinator", three.address, "--key", KEY], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     with SwarmClient(three.address, key=KEY) as c:
-        again = c.chat_complete([{"role": "user", "content": "Say hello."}], max_tokens=12)
+        again = c.chat_complete([{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0)
     assert done.stdout == again.text + "\n"  # greedy: the same answer through the CLI and the library
     assert again.tokens
 
 
 def _gemma_prompt_tokens(model_path, messages) -> list[int]:
-    """The prompt for a conversation in Gemma's turn format (the default model's GGUF has no template, so
+    """The prompt for a conversation in Gemma's turn format (Gemma 3 270M's GGUF has no template, so
     the coordinator uses Gemma's), written out here by hand and tokenized by plain llama-cpp-python."""
     import llama_cpp
 
@@ -163,17 +164,17 @@ def test_interactive_chat_keeps_history_and_resets(three, model_path):
     n = 12
     first, second = "Hi!", "Say it again."
     session = f"{first}\n{second}\n/reset\n{first}\n{second}\n/quit\n"
-    done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-n", str(n), "--stats", "--coordinator",
-                           three.address, "--key", KEY], input=session, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([sys.executable, "-m", "swarm.cli", "chat", "-n", str(n), "--temperature", "0", "--stats",
+                           "--coordinator", three.address, "--key", KEY], input=session, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "conversation forgotten" in done.stderr
     answers = [line for line in done.stdout.split("> ") if line.strip()]
     assert len(answers) == 4 and answers[0] == answers[2]  # after /reset the same question gets the same answer
     with SwarmClient(three.address, key=KEY) as c:
-        one = c.chat_complete([("user", first)], max_tokens=n)
+        one = c.chat_complete([("user", first)], max_tokens=n, temperature=0)
         history = [("user", first), ("assistant", one.text), ("user", second)]
-        two = c.chat_complete(history, max_tokens=n)
-        alone = c.chat_complete([("user", second)], max_tokens=n)
+        two = c.chat_complete(history, max_tokens=n, temperature=0)
+        alone = c.chat_complete([("user", second)], max_tokens=n, temperature=0)
     # The question is one whose answer depends on the history (or the check below would prove nothing).
     assert two.text != alone.text
     # Everything the CLI printed, turn by turn (the /reset line prints no answer): the same answers again
@@ -381,10 +382,11 @@ def test_mdns_discovery_without_coordinator_address(tmp_path, model_path, refere
 
 
 def test_local_swarm_command_chats_through_three_processes(tmp_path):
+    """The README's first command, with the default model (SmolLM2-135M-Instruct, 30 layers) and its chat sampling."""
     done = subprocess.run([sys.executable, "-m", "swarm.cli", "local", "--nodes", "3", "-p", "Say hello.", "-n", "8",
                            "--stats"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "0:6 on coordinator, 6:12 on node1, 12:18 on node2" in done.stderr
+    assert "0:10 on coordinator, 10:20 on node1, 20:30 on node2" in done.stderr
     assert done.stdout.strip() and "tokens/s" in done.stderr
 
 

@@ -158,3 +158,26 @@ def test_a_restarted_coordinator_never_hands_out_an_id_its_earlier_run_gave():
     new = after.admit(request, "127.0.0.1:5", "127.0.0.1:6", unreachable=lambda x: False)
     assert old.node_id != new.node_id
     assert after.known(old.node_id) is None and after.known(new.node_id) is new
+
+
+def test_chat_samples_with_the_chat_defaults_unless_told_and_temperature_0_is_plain_greedy():
+    """A chat's options fill in `CHAT_DEFAULTS` one by one; raw completion stays greedy; the command line
+    passes on only the options the user typed."""
+    import dataclasses
+
+    from swarm.cli import build_parser
+    from swarm.cli.options import sampling_options
+    from swarm.client import SwarmClient
+    from swarm.sampling import CHAT_DEFAULTS, SamplingParams
+
+    def sampling(chat: bool, **options):
+        return SwarmClient._request(dict(options), chat=chat, messages=(("user", "hi"),)).sampling
+
+    assert sampling(True) == CHAT_DEFAULTS and not CHAT_DEFAULTS.greedy
+    assert sampling(True, top_k=5, seed=3) == dataclasses.replace(CHAT_DEFAULTS, top_k=5, seed=3)
+    assert sampling(True, temperature=0) == SamplingParams()  # greedy with no repeat penalty
+    assert sampling(True, temperature=0, repeat_penalty=1.2) == SamplingParams(repeat_penalty=1.2)
+    assert sampling(False) == SamplingParams() and SamplingParams().greedy
+    assert sampling_options(build_parser().parse_args(["chat"])) == {}
+    assert sampling_options(build_parser().parse_args(["local", "--temperature", "0"])) == {"temperature": 0.0}
+    assert sampling_options(build_parser().parse_args(["generate", "x"]))["temperature"] == 0.0

@@ -10,24 +10,31 @@ import numpy as np
 N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, N_FF = 4, 64, 4, 2, 128
 
 
-def _vocab() -> tuple[list[bytes], list[float], list[int]]:
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
+def _vocab(bos: str = "<s>", eos: str = "</s>", specials: tuple[str, ...] = ()
+           ) -> tuple[list[bytes], list[float], list[int]]:
+    """<unk>, BOS (id 1), EOS (id 2), the chat template's special tokens, the 256 bytes, then 41 words."""
+    head = [b"<unk>", bos.encode(), eos.encode()] + [t.encode() for t in specials]
+    tokens = head + [f"<0x{i:02X}>".encode() for i in range(256)]
+    types = [2] + [3] * (len(head) - 1) + [6] * 256  # unknown, control..., byte
     words = [f"\u2581w{i}".encode() for i in range(41)]
     tokens += words
     types += [1] * len(words)
-    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(words))]
+    scores = [0.0] * len(head) + [-1000.0] * 256 + [-float(i) for i in range(len(words))]
     return tokens, scores, types
 
 
-def write_tiny_llama(path: Path, arch: str = "llama", extra_kv: dict | None = None, seed: int = 0) -> Path:
+def write_tiny_llama(path: Path, arch: str = "llama", extra_kv: dict | None = None, seed: int = 0,
+                     chat_template: str | None = None, bos: str = "<s>", eos: str = "</s>",
+                     specials: tuple[str, ...] = ()) -> Path:
     """A 4-layer llama-family model with a 300-token SPM vocabulary and random F32 weights.
 
     arch may be llama, mistral3, qwen2 (adds q/k/v biases) or qwen3 (adds q/k norms); any other name
-    writes llama-shaped tensors under that architecture (for refusal tests).
+    writes llama-shaped tensors under that architecture (for refusal tests). A chat model's
+    `tokenizer.chat_template` goes in with the texts of its BOS and EOS and the other special tokens its
+    template writes (each one token, parsed as in the real model).
     """
     rng = np.random.default_rng(seed)
-    tokens, scores, types = _vocab()
+    tokens, scores, types = _vocab(bos, eos, specials)
     n_vocab = len(tokens)
     head_dim = N_EMBD // N_HEAD
     w = gguf.GGUFWriter(str(path), arch)
@@ -49,6 +56,9 @@ def write_tiny_llama(path: Path, arch: str = "llama", extra_kv: dict | None = No
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+        w.add_add_space_prefix(False)  # as chat models' tokenizers do: no space put after each special token
     for key, value in (extra_kv or {}).items():
         w.add_key_value(key, value[0], value[1], sub_type=value[2] if len(value) > 2 else None)
 

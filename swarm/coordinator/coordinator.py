@@ -135,7 +135,7 @@ class Coordinator:
 
     def status(self) -> m.StatusReport:
         return status.report(self.swarm, self.model_path.name, self.n_layer, self.members, self.measurer,
-                             self.placement, self.sessions, self.recoveries, self.desk)
+                             self.placement, self.sessions, self.recoveries, self.desk, self.tokenizer.chat_format)
 
     def wait_ready(self, timeout: float):
         return self.placement.wait_ready(timeout)

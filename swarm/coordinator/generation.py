@@ -93,8 +93,7 @@ class Generation:
                 raise BadInputError("a chat request needs at least one message")
             if sum(len(c) for _, c in request.messages) > MAX_PROMPT_CHARS:
                 raise BadInputError(f"the conversation is longer than {MAX_PROMPT_CHARS} characters")
-            text = self.tokenizer.apply_chat_template(list(request.messages))
-            return self.tokenizer.tokenize(text, add_special=True, parse_special=True)
+            return self.tokenizer.chat_tokens(list(request.messages))  # BOS as the template says (tokenizer.py)
         raise BadInputError("a generate request needs a prompt or chat messages")
 
     def _run(self, session: Session, tokens, budget, stops, want_timings, is_active):

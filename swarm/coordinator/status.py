@@ -14,7 +14,8 @@ from .succession import RecoveryLog
 
 
 def report(swarm: str, model_name: str, n_layer: int, members: Membership, measurer: Measurer,
-           placement: Placement, sessions: Sessions, recoveries: RecoveryLog, desk: CheckpointDesk) -> m.StatusReport:
+           placement: Placement, sessions: Sessions, recoveries: RecoveryLog, desk: CheckpointDesk,
+           chat_template: str = "") -> m.StatusReport:
     """The swarm's state now, read from each room."""
     now = time.monotonic()
     nodes = []
@@ -33,5 +34,5 @@ def report(swarm: str, model_name: str, n_layer: int, members: Membership, measu
         swarm=swarm, model_name=model_name, n_layer=n_layer, state=state, detail=detail, n_ctx=s.n_ctx,
         max_sessions=s.max_sessions, nodes=tuple(nodes), sessions=tuple(x.report(now) for x in sessions.all()),
         predicted_decode_tps=predicted, measured_decode_tps=measured, measured_sessions=n_measured,
-        recoveries=recoveries.reports(members.name_of), checkpoints=desk.counts(),
+        recoveries=recoveries.reports(members.name_of), checkpoints=desk.counts(), chat_template=chat_template,
     )

@@ -1,4 +1,12 @@
-"""The model's own tokenizer and chat template, through llama.cpp (the vocabulary only, no weights)."""
+"""The model's own tokenizer and chat template, through llama.cpp (the vocabulary only, no weights).
+
+A conversation becomes tokens the way llama-cpp-python's `Llama.create_chat_completion` makes them for a
+model whose GGUF carries `tokenizer.chat_template`: the template rendered with Jinja2 (chat_template.py),
+then tokenized with special tokens parsed and no BOS added, since the template writes `bos_token` itself
+where its authors want one (as transformers' `apply_chat_template` does). Only a model without a template
+falls back to llama.cpp's built-in format for its architecture; that text carries no BOS, so tokenization
+adds the model's own (`tokenizer.ggml.add_bos_token`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,12 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..chat_template import ChatTemplate, as_dicts
 from ..errors import BadInputError, EngineError, ModelFileError, UnsupportedModelError
 from ..gguf_file import read_gguf
 from .backend import _llama, _load_model
 
-# When a GGUF carries no `tokenizer.chat_template` (some conversions drop it, the default model's among
+# When a GGUF carries no `tokenizer.chat_template` (some conversions drop it, Gemma 3 270M's among
 # them), the architecture's own format, by the name llama.cpp knows it under.
 _FALLBACK_TEMPLATES = {"gemma3": b"gemma", "gemma2": b"gemma", "gemma": b"gemma", "qwen2": b"chatml", "qwen3": b"chatml"}
 
@@ -30,6 +39,42 @@ class Tokenizer:
         self.arch = read_gguf(path).arch
         if self.n_vocab <= 1:
             raise ModelFileError(f"{path} has no vocabulary (is it a middle shard?); tokenize with the full model")
+        self._template: ChatTemplate | None = None
+        self._template_error: UnsupportedModelError | None = None
+        source = self.chat_template()
+        if source:
+            try:
+                self._template = ChatTemplate(source, self._token_text(self._llama.llama_vocab_bos(self._vocab)),
+                                              self._token_text(self._llama.llama_vocab_eos(self._vocab)))
+            except UnsupportedModelError as e:  # raw completion still works; chat says why it cannot
+                self._template_error = e
+
+    def _token_text(self, token: int) -> str:
+        """A special token's text as the vocabulary stores it ("" for none), as llama-cpp-python passes it."""
+        if token < 0:
+            return ""
+        return self._llama.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    @property
+    def chat_format(self) -> str:
+        """Which chat template a conversation is rendered with: `gguf (jinja)`, `llama.cpp built-in NAME`, `none`."""
+        if self._template is not None:
+            return "gguf (jinja)"
+        if self._template_error is not None:
+            return "gguf (jinja), does not compile"
+        builtin = _FALLBACK_TEMPLATES.get(self.arch)
+        return f"llama.cpp built-in {builtin.decode()}" if builtin else "none"
+
+    def chat_tokens(self, messages) -> list[int]:
+        """The prompt tokens for a conversation ((role, content) pairs or dicts), ending with the
+        assistant's turn opened."""
+        if self._template_error is not None:
+            raise UnsupportedModelError(str(self._template_error))
+        if self._template is not None:
+            text = self._template.render(messages, add_generation_prompt=True)
+            return self.tokenize(text, add_special=False, parse_special=True)
+        pairs = [(m["role"], m["content"]) for m in as_dicts(messages)]
+        return self.tokenize(self.apply_chat_template(pairs), add_special=True, parse_special=True)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         raw = text.encode("utf-8")
@@ -66,10 +111,12 @@ class Tokenizer:
         return raw.decode("utf-8") if raw else None
 
     def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
-        """The prompt for (role, content) messages, formatted by the model's own chat template.
+        """The prompt for (role, content) messages in llama.cpp's built-in format for this model.
 
-        llama.cpp recognises the template stored in the GGUF (Gemma, Llama 3, ChatML, Mistral and more)
-        and formats it natively; the text ends with the assistant's turn opened.
+        llama.cpp recognises well-known templates (Gemma, Llama 3, ChatML, Mistral and more) by their text
+        and formats them natively, without Jinja: a template's default system prompt, for one, is lost.
+        `chat_tokens` uses this only for models whose GGUF has no template. The text ends with the
+        assistant's turn opened.
         """
         template = self._llama.llama_model_chat_template(self._model, None) or _FALLBACK_TEMPLATES.get(self.arch)
         if not template:

@@ -65,6 +65,7 @@ def status_pb(s: m.StatusReport) -> pb.StatusReply:
         swarm=s.swarm, model_name=s.model_name, n_layer=s.n_layer, state=s.state, detail=s.detail, n_ctx=s.n_ctx,
         max_sessions=s.max_sessions, predicted_decode_tps=s.predicted_decode_tps,
         measured_decode_tps=s.measured_decode_tps, measured_sessions=s.measured_sessions,
+        chat_template=s.chat_template,
         checkpoints=pb.CheckpointCounts(full=s.checkpoints.full, deltas=s.checkpoints.deltas,
                                         full_bytes=s.checkpoints.full_bytes, delta_bytes=s.checkpoints.delta_bytes,
                                         refused=s.checkpoints.refused))
