@@ -278,4 +278,59 @@ def test_the_coordinator_corrects_a_node_by_its_steps_and_asks_for_a_new_probe(m
     (after,) = measurer.profiles([x])
     assert after.decode_s_per_byte == pytest.approx(2 * before.decode_s_per_byte)
     assert planner.hop_decode_s(fp, after, hop.layers) == pytest.approx(2 * predicted)
-    assert measurer._refresh == {"n1"}  # the next plan, between sessions, probes it afresh
+    assert measurer._refresh == {"n1"}  # probed afresh once the swarm is idle (planning.REPROBE_IDLE_S)
+
+
+def test_a_reprobe_waits_for_an_idle_swarm_keeps_the_route_and_holds_sessions_only_while_it_runs(monkeypatch):
+    """The steps asked for a new probe: it runs once no session has run for REPROBE_IDLE_S (not between
+    two requests of a user), new sessions wait only while it runs, and the route stays (then the plan is
+    checked in place)."""
+    import threading
+    import time
+
+    from swarm.coordinator import planning
+
+    monkeypatch.setattr(planning, "REPROBE_IDLE_S", 0.3)
+    busy = [True]
+    probes, replans = [], []
+
+    class Members:
+        def plannable(self):
+            return ["n1"]
+
+    class Measurer:
+        def measure(self, members, say, refresh=False):
+            start = time.monotonic()
+            time.sleep(0.6)
+            probes.append((start, time.monotonic(), refresh, busy[0]))
+
+    placement = planning.Placement(Members(), Measurer(), None, None, None, busy=lambda: busy[0],
+                                   on_route=lambda: None)
+    route = ("the route",)
+    placement._dirty, placement._route = False, route
+    placement._replan_in_place = lambda: replans.append(time.monotonic())
+    placement.start()
+    try:
+        placement.reprobe()
+        time.sleep(1.5)
+        assert probes == [], "probed while a session ran"
+        busy[0] = False
+        placement.poke()  # the session ended
+        ended = time.monotonic()
+        deadline = time.monotonic() + 5
+        while not probes and not placement._probing:
+            assert time.monotonic() < deadline, "never probed once idle"
+            time.sleep(0.01)
+        started = []
+        t = threading.Thread(target=lambda: started.append(
+            placement.start_session(lambda r: (time.monotonic(), r), 5.0, lambda: True)))
+        t.start()
+        t.join(10)
+        assert len(probes) == 1 and probes[0][2] is True  # the nodes that asked are measured again
+        assert probes[0][0] - ended >= 0.3 - 0.05  # not before the swarm was idle that long
+        (at, got), = started
+        assert got is route and at >= probes[0][1]  # the session waited for the probe, on the same route
+        assert len(replans) == 1 and replans[0] >= probes[0][1]  # then the plan is checked in place
+        assert placement.route() is route
+    finally:
+        placement.stop()

@@ -75,7 +75,7 @@ class Generation:
                     # What the session's steps said of its nodes: probe again, or plan with it.
                     todo = self._measurer.assess([h.node_id for h in session.route])
                     if todo == "probe":
-                        self._placement.mark_dirty()
+                        self._placement.reprobe()
                     elif todo == "plan":
                         self._placement.recheck()
 

@@ -29,6 +29,9 @@ from .shardfiles import ShardFiles
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# A node asked to be probed again is probed only after the swarm has had no session for this long, so that
+# a user's requests one after another are not held back (the probe runs in process time they would share).
+REPROBE_IDLE_S = 2.0
 Route = tuple[RouteHop, ...]
 
 
@@ -59,6 +62,9 @@ class Placement:
         self._state, self._detail = "planning", "planning placement"
         self._dirty = True
         self._recheck = False
+        self._reprobe = False  # some node's steps asked for a new probe: taken once the swarm is idle
+        self._probing = False  # that probe runs: new sessions wait for it (it is short)
+        self._active = time.monotonic()  # when a session last started or ended
         self._holdings: dict[str, Holding] = collections.defaultdict(Holding)
         self._prediction: planner.Prediction | None = None
         self._measured: collections.deque[float] = collections.deque(maxlen=20)
@@ -78,9 +84,17 @@ class Placement:
             self._recheck = True
             self._cond.notify_all()
 
+    def reprobe(self) -> None:
+        """Some node's steps parted from its probe: measure it again once no session has run for
+        REPROBE_IDLE_S, keeping the route (it changes only if the new speeds change the plan)."""
+        with self._cond:
+            self._reprobe = True
+            self._cond.notify_all()
+
     def poke(self) -> None:
         """Something a waiting planner or session may care about changed (a session ended)."""
         with self._cond:
+            self._active = time.monotonic()
             self._cond.notify_all()
 
     def say(self, detail: str) -> None:
@@ -96,11 +110,12 @@ class Placement:
         re-plan takes: the planner sees the session before it could replace the route."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._route is None:
+            while self._route is None or self._probing:
                 left = deadline - time.monotonic()
                 if left <= 0 or not is_active() or self._stop.is_set():
                     raise NotReadyError(f"the swarm is not ready: {self._detail}")
                 self._cond.wait(min(left, 0.5))
+            self._active = time.monotonic()
             return register(self._route)
 
     def wait_ready(self, timeout: float, is_active: Callable[[], bool] = lambda: True) -> Route:
@@ -168,11 +183,15 @@ class Placement:
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:
-                while not self._stop.is_set() and not self._dirty and not self._recheck:
+                while not self._stop.is_set() and not self._dirty and not self._recheck and not self._idle_probe():
                     self._cond.wait(0.5)
                 if self._stop.is_set():
                     return
                 recheck, self._recheck = self._recheck and not self._dirty, False
+                probe = self._probing
+            if probe:
+                self._probe_in_place()
+                continue
             if recheck:
                 self._replan_in_place()
                 continue
@@ -222,6 +241,29 @@ class Placement:
         current = {k: v for k, v in current.items() if v is not None}
         return planner.plan_measured(self._measurer.footprint, self._measurer.profiles(members), s.n_ctx,
                                      s.max_sessions, s.n_batch, links=self._measurer.links(), current=current)
+
+    def _idle_probe(self) -> bool:
+        """(Under the lock.) Whether to run a re-probe now: one is asked for, no re-plan is due, and no
+        session has run for REPROBE_IDLE_S; if so, new sessions wait from here until it is done."""
+        if (self._reprobe and not self._dirty and self._route is not None and not self._busy()
+                and time.monotonic() - self._active >= REPROBE_IDLE_S):
+            self._reprobe, self._probing = False, True
+            return True
+        return False
+
+    def _probe_in_place(self) -> None:
+        """Measure again the nodes whose steps asked for it, then plan with the new speeds in place."""
+        try:
+            self._measurer.measure(self._members.plannable(), self.say, refresh=True)
+        except SwarmError as e:
+            log.warning("%s", e)
+        except Exception:
+            log.exception("measuring nodes again failed")
+        finally:
+            with self._cond:
+                self._probing = False
+                self._cond.notify_all()
+        self._replan_in_place()
 
     def _replan_in_place(self) -> None:
         """Plan with the nodes' corrected speeds; keep the route (and the sessions on it) when that plan is
