@@ -27,6 +27,7 @@ LAYERS = [
     {"node", "chain"},
     {"wire"},
     {"coordinator"},
+    {"http"},
     {"client"},
     {"join", "local"},
     {"cli"},

@@ -40,3 +40,8 @@ def add_chat(p: argparse.ArgumentParser) -> None:
 def sampling_options(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+def add_http(p: argparse.ArgumentParser, default_text: str) -> None:
+    p.add_argument("--http-port", type=int, default=None,
+                   help=f"port of the OpenAI-compatible HTTP API and the web page ({default_text})")
+    p.add_argument("--no-http", action="store_true", help="serve no HTTP API and no web page")

@@ -12,6 +12,11 @@ from ..layers import LayerRange
 from .talk import chat_session
 
 
+def _browser_host(address: str) -> str:
+    host = address.rsplit(":", 1)[0]
+    return f"[{host}]" if ":" in host else host
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -50,6 +55,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
             reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
+            http=not args.no_http, http_port=args.http_port,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
@@ -58,6 +64,9 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(f"  swarm join --coordinator {running.address} {key_arg}", file=sys.stderr)
         if running.advertiser is not None:
             print(f"  (or on this network: swarm join --swarm {shlex.quote(args.swarm)} {key_arg})", file=sys.stderr)
+        if running.http:
+            print(f"web page and OpenAI-compatible API: http://{_browser_host(running.address)}:{running.http.port}/ "
+                  "(the swarm key is the API key)", file=sys.stderr)
         print("and chat with `swarm chat` here; Ctrl-C stops the swarm", file=sys.stderr)
         sys.stderr.flush()
         stop.wait()
@@ -96,11 +105,15 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     print(f"starting a local swarm: a coordinator and {args.nodes - 1} more node(s) on this machine ...", file=sys.stderr)
-    with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx) as swarm:
+    http_port = None if args.no_http else 7780 if args.http_port is None else args.http_port
+    with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx, http_port=http_port) as swarm:
         status = swarm.client.status()
         print("layer map: " + ", ".join(
             f"{n['layers']['start']}:{n['layers']['end']} on {n['name']}" for n in sorted(
                 (n for n in status["nodes"] if n["has_layers"]), key=lambda n: n["layers"]["start"])),
             file=sys.stderr)
         print(f"node logs: {swarm.log_dir}", file=sys.stderr)
+        if swarm.running.http:
+            print(f"web page and OpenAI-compatible API: http://127.0.0.1:{swarm.running.http.port}/ (key: "
+                  f"{swarm.running.key})", file=sys.stderr)
         return chat_session(swarm.client, args)
