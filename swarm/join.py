@@ -154,27 +154,28 @@ def start_coordinator(
     key = key or wire.new_key()
     server, bound = wire.server(host, port, key)
     address = f"{_reachable_host(host)}:{bound}"
+    step_server = web = coordinator = None
     try:
         step_server = _step_server(host, bound if port else 0, step_port, key)
+        if http:  # bound before the model loads: a port in use is refused at once
+            web = HttpServer(host, http_port if http_port is not None else (bound + HTTP_PORT_OFFSET if port else 0))
+        coordinator = Coordinator(
+            model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
+            resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
+            max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
+            step_address=f"{_reachable_host(host)}:{step_server.port}",
+        )
+        if web:
+            web.serve(coordinator, key)
     except BaseException:
+        if web is not None:
+            web.stop()
+        if coordinator is not None:
+            coordinator.close()
+        if step_server is not None:
+            step_server.close()
         server.stop(0)
         raise
-    coordinator = Coordinator(
-        model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
-        resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
-        max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
-        step_address=f"{_reachable_host(host)}:{step_server.port}",
-    )
-    web = None
-    if http:
-        try:
-            web = HttpServer(coordinator, key, host, http_port if http_port is not None else
-                             (bound + HTTP_PORT_OFFSET if port else 0))
-        except BaseException:
-            coordinator.close()
-            step_server.close()
-            server.stop(0)
-            raise
     step_server.start(coordinator.local.step)
     wire.CoordinatorServicer.add_to(server, coordinator)
     wire.NodeServicer.add_to(server, coordinator.local)

@@ -6,12 +6,18 @@ token count. The model is SmolLM2-135M-Instruct, so chat has a real template to 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+import uuid
 
 import openai
 import pytest
 
 from http_swarm import KEY, HttpSwarm, call, smollm2_path
+from procs import Proc, free_port
+from swarm.client import SwarmClient
+from swarm.errors import SwarmError
 
 PROMPT = "The three largest cities of France are"
 N = 40
@@ -184,3 +190,28 @@ def test_a_client_that_closes_its_stream_frees_its_session(api, client, model, l
     assert sessions == []
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=N, temperature=0)
     assert out.choices[0].text == llama_reference[0]
+
+
+def test_an_http_port_in_use_is_refused_at_once_and_no_http_serves_none(api, tmp_path):
+    base = [sys.executable, "-m", "swarm.cli", "join", "--model", str(smollm2_path()), "--host", "127.0.0.1",
+            "--key", "k", "--mdns-interface", "off", "--swarm", f"http-{uuid.uuid4().hex[:6]}"]
+    done = subprocess.run([*base, "--port", str(free_port()), "--http-port", str(api.http_port)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and f"HTTP port {api.http_port}" in done.stderr and "--no-http" in done.stderr
+    port, http_port = free_port(), free_port()
+    proc = Proc(["--model", str(smollm2_path()), "--host", "127.0.0.1", "--port", str(port), "--key", "k",
+                 "--mdns-interface", "off", "--no-http", "--http-port", str(http_port)], tmp_path / "no-http.log")
+    try:
+        deadline = time.monotonic() + 60
+        with SwarmClient(f"127.0.0.1:{port}", key="k") as c:
+            while True:
+                try:
+                    c.status()
+                    break
+                except SwarmError:
+                    assert time.monotonic() < deadline and proc.p.poll() is None, proc.text()
+                    time.sleep(0.3)
+        assert call(f"http://127.0.0.1:{http_port}/health") == (0, {})  # nothing listens
+        assert "web page" not in proc.text()
+    finally:
+        proc.stop()

@@ -21,24 +21,29 @@ log = logging.getLogger(__name__)
 
 
 class HttpServer:
-    """The OpenAI-compatible API and the web page of one coordinator; `stop()` ends it."""
+    """The OpenAI-compatible API and the web page of one coordinator: bind first (before the model loads,
+    so a port in use is refused at once), then `serve`; `stop()` ends it."""
 
-    def __init__(self, coordinator, key: str, host: str, port: int):
+    def __init__(self, host: str, port: int):
         if not 0 <= port < 65536:
             raise BadInputError(f"--http-port {port} is not a TCP port (0 to 65535; 0: any free port)")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        bare = host.strip("[]") or "0.0.0.0"
         try:
-            self._sock.bind((host, port))
+            self._sock = socket.create_server((bare, port), family=socket.AF_INET6 if ":" in bare else socket.AF_INET,
+                                              backlog=128)
         except OSError as e:
-            self._sock.close()
             if e.errno == errno.EADDRINUSE:
-                raise BadInputError(f"HTTP port {port} on {host or '0.0.0.0'} is in use; pick another with "
-                                    "--http-port PORT, or start without the HTTP API (--no-http)") from None
-            raise BadInputError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
-        self._sock.listen(128)
+                raise BadInputError(f"HTTP port {port} on {bare} is in use; pick another with --http-port PORT, or "
+                                    "start without the HTTP API (--no-http)") from None
+            raise BadInputError(f"cannot listen for HTTP on {bare}:{port} ({e.strerror or e}); pick another "
+                                "--http-port or --host, or use --no-http") from None
+        self.host = host
         self.port = self._sock.getsockname()[1]
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, coordinator, key: str) -> None:
+        """Start answering on a thread of its own."""
         config = uvicorn.Config(Api(coordinator, key).app(), log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
@@ -51,9 +56,10 @@ class HttpServer:
         if not self._server.started:
             self.stop()
             raise BadInputError(f"the HTTP server on port {self.port} did not start; see the log, or use --no-http")
-        log.info("HTTP API and web page on %s:%d", host or "0.0.0.0", self.port)
+        log.info("HTTP API and web page on %s:%d", self.host or "0.0.0.0", self.port)
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(5)
         self._sock.close()
