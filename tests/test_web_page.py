@@ -7,6 +7,8 @@ It saves the page as docs/images/web-page.png.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,3 +120,17 @@ def test_the_page_chats_shows_the_swarm_and_a_recovery_as_it_happens(page_swarm,
     time.sleep(1.2)  # one more poll: the node map after the recovery
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT))
+
+    # `swarm status` in the terminal shows what the page shows: the route, each node, the recovery.
+    page_nodes = [n.get_attribute("data-name") for n in browser.find_elements(By.CSS_SELECTOR, "#nodes .node")]
+    page_route = [s.text for s in browser.find_elements(By.CSS_SELECTOR, "#route .span")]
+    done = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--coordinator", page_swarm.address, "--key",
+                           KEY], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    route = next(x for x in lines if x.startswith("route: "))
+    assert [x.split(" on ")[0] for x in route[len("route: "):].split(" -> ")] == [x.split()[-1] for x in page_route]
+    for name in page_nodes:
+        assert any(x.split()[:1] == [name] and "GB" in x for x in lines), (name, done.stdout)
+    (line,) = [x for x in lines if x.startswith("recovery ")]
+    assert "node node0" in line and "10:20" in line and "path " in line and "stall" in line, line
