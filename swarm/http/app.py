@@ -196,8 +196,7 @@ class Api:
     async def _json(request: Request) -> Any:
         raw = await request.body()
         if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the body is {len(raw)} bytes; the most the swarm takes is {MAX_BODY}",
-                           type_="invalid_request_error")
+            raise ApiError(413, f"the body is {len(raw)} bytes; the most the swarm takes is {MAX_BODY}")
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:

@@ -20,12 +20,10 @@ from ..sampling import CHAT_DEFAULTS, SamplingParams
 class ApiError(Exception):
     """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or {400: "invalid_request_error", 401: "invalid_request_error",
-                              404: "invalid_request_error", 503: "server_error"}.get(status, "server_error")
+        self.type = "invalid_request_error" if status < 500 else "server_error"
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
