@@ -121,10 +121,10 @@ class Api:
         try:
             # The first event (the session started) or the error that refused it: a refused request
             # gets an HTTP error, never a stream that fails at once.
-            first = await pump.next()
-        except Exception as e:
+            first = await _next(request, pump)
+        except BaseException:
             pump.stop()
-            raise error_for(e) from None
+            raise
         if not isinstance(first, m.Started):
             pump.stop()
             raise ApiError(500, "the coordinator ended the stream before it started")
@@ -161,14 +161,7 @@ class Api:
         text, done = [], None
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(pump.next(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise ApiError(499, "the client closed the request") from None
-                    continue
-                except Exception as e:
-                    raise error_for(e) from None
+                event = await _next(request, pump)
                 if event is None:
                     break
                 if isinstance(event, m.Piece):
@@ -202,6 +195,19 @@ class Api:
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object with "
                                 "Content-Type: application/json") from None
+
+
+async def _next(request: Request, pump: EventPump) -> m.GenerateEvent | None:
+    """The pump's next event, watching for a client that goes away meanwhile (a session waiting for a slot,
+    or a blocking answer): that one's session is ended."""
+    while True:
+        try:
+            return await asyncio.wait_for(pump.next(), 1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the request") from None
+        except Exception as e:
+            raise error_for(e) from None
 
 
 def _data(obj: dict) -> dict:

@@ -177,7 +177,7 @@ function drawRoute(status, colour) {
   const route = $("route");
   route.replaceChildren();
   for (const p of parts) {
-    const d = el("div", "span" + (p.taken ? " taken" : ""), `${p.node.name} ${span(p.r)}`);
+    const d = el("div", "span" + (p.taken ? " taken" : ""), `${p.node.name} ${span(p.r)}${p.taken ? " (taken over)" : ""}`);
     d.style.flex = String(p.r.end - p.r.start);
     d.style.background = colour(p.node);
     d.title = `${p.node.name} (${p.node.address}) holds layers ${span(p.r)}` + (p.taken ? ", taken over" : "");
