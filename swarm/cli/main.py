@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--nodes", type=int, default=3, help="processes to split the model over (default 3)")
     local.add_argument("--threads", type=int, default=None, help="llama.cpp threads per node")
     local.add_argument("--ctx", type=int, default=2048)
-    add_http(local, "default 7780")
+    add_http(local, "default 7780, or any free port when 7780 is taken")
     add_chat(local)
     local.set_defaults(func=cmd_local)
 

@@ -12,6 +12,20 @@ from ..layers import LayerRange
 from .talk import chat_session
 
 
+LOCAL_HTTP_PORT = 7780
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _browser_host(address: str) -> str:
     host = address.rsplit(":", 1)[0]
     return f"[{host}]" if ":" in host else host
@@ -105,7 +119,10 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     print(f"starting a local swarm: a coordinator and {args.nodes - 1} more node(s) on this machine ...", file=sys.stderr)
-    http_port = None if args.no_http else 7780 if args.http_port is None else args.http_port
+    http_port = None if args.no_http else args.http_port
+    if http_port is None and not args.no_http:
+        # The usual port when it is free; a second `swarm local` on this machine takes any free one.
+        http_port = LOCAL_HTTP_PORT if _port_free(LOCAL_HTTP_PORT) else 0
     with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx, http_port=http_port) as swarm:
         status = swarm.client.status()
         print("layer map: " + ", ".join(
