@@ -34,7 +34,7 @@ def test_fields_become_the_request():
                       "stream_options": {"include_usage": True}, "user": "ignored"}, MODELS)
     assert ask.request.messages == (("system", "be brief"), ("user", "ab"), ("assistant", ""))
     assert (ask.request.max_tokens, ask.request.stop, ask.stream, ask.include_usage, ask.model) == (
-        9, ("END",), True, True, "m")
+        9, ("END",), True, True, "m.gguf")
     assert parse_completion({"prompt": ["only one"]}, MODELS).request.prompt == "only one"
 
 

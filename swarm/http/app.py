@@ -81,7 +81,8 @@ class Api:
         ]
         handlers = {ApiError: lambda _r, e: _answer(e),
                     HTTPException: lambda _r, e: _answer(ApiError(e.status_code, f"{e.detail}: see /v1/models, "
-                                                                  "/v1/chat/completions, /v1/completions"))}
+                                                                  "/v1/chat/completions, /v1/completions")),
+                    Exception: lambda _r, e: _answer(error_for(e))}  # a bug: OpenAI's body, and it is logged
         return Starlette(routes=routes, exception_handlers=handlers)
 
     # ------------------------------------------------------------ plain pages

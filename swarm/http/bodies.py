@@ -38,7 +38,7 @@ class Ask:
     """A parsed request: what to generate, and how to answer (streamed or not, with usage or not)."""
 
     request: m.GenerateRequest
-    model: str
+    model: str  # the served model's name, as replies give it
     stream: bool
     include_usage: bool
 
@@ -137,7 +137,7 @@ def _ask(body: dict, model_names: tuple[str, ...], defaults: SamplingParams, max
     try:
         sampling = _sampling(body, defaults)
         return Ask(m.GenerateRequest(max_tokens=max_tokens or 0, sampling=sampling, stop=tuple(stop or ()), **input_),
-                   model or model_names[0], stream, include_usage)
+                   model_names[0], stream, include_usage)
     except BadInputError as e:
         raise bad(str(e)) from None
 
