@@ -7,7 +7,10 @@ round by round, each going first in turn: `swarm.client.SwarmClient` (gRPC) and 
 `POST /v1/completions` read as server-sent events with the standard library's `http.client` (so the
 client's own parsing costs little). Both are timed the same way, by the client: first token from
 sending the request to the first text; decode tokens/s from the first text to the last, over the
-tokens in between. Greedy, so both must give the same text, which is checked. Before each request
+tokens in between; the median step is the median time between two text pieces (one per token as a
+rule), which a shared machine's occasional stalls move less. Ratios are speed against the gRPC client
+(for steps: the gRPC step over the HTTP step), as a ratio of medians and, in brackets, the median of
+each round's ratio. Greedy, so both must give the same text, which is checked. Before each request
 the script waits until no session runs and the swarm is ready (a session's end may re-plan or re-probe
 the nodes, and the next request would wait for that, whichever client sent it).
 
@@ -131,7 +134,9 @@ def run_http(port: int, key: str, n: int) -> dict:
 def _timed(t0: float, times: list[float], tokens: int, text: str, n: int) -> dict:
     if tokens != n:
         raise SystemExit(f"the answer stopped after {tokens} tokens; the benchmark needs {n}")
-    return {"ttft_ms": 1e3 * (times[0] - t0), "decode_tps": (tokens - 1) / (times[-1] - times[0]), "text": text}
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))  # one text piece per token, as a rule
+    return {"ttft_ms": 1e3 * (times[0] - t0), "decode_tps": (tokens - 1) / (times[-1] - times[0]),
+            "step_ms": 1e3 * gaps[len(gaps) // 2], "text": text}
 
 
 def main() -> int:
@@ -168,13 +173,17 @@ def main() -> int:
     if {x["text"] for x in grpc_rows + http_rows} != {grpc_rows[0]["text"]}:
         raise SystemExit("the HTTP API and the gRPC client gave different greedy texts")
     paired = statistics.median(h["decode_tps"] / g["decode_tps"] for g, h in zip(grpc_rows, http_rows))
+    paired_step = statistics.median(g["step_ms"] / h["step_ms"] for g, h in zip(grpc_rows, http_rows))
     base = statistics.median(g["decode_tps"] for g in grpc_rows)
+    base_step = statistics.median(g["step_ms"] for g in grpc_rows)
     print(f"{args.nodes}-node swarm, {model.name}, {args.tokens} tokens, median of {args.rounds} rounds")
-    print("| client | first token ms | decode tok/s | vs gRPC (paired) |")
-    print("|---|---|---|---|")
+    print("| client | first token ms | decode tok/s | vs gRPC (paired) | median step ms | vs gRPC (paired) |")
+    print("|---|---|---|---|---|---|")
     for name, rows in results.items():
         tps = statistics.median(x["decode_tps"] for x in rows)
-        ratio = f"{tps / base:.1%} ({paired:.1%})" if name == "HTTP API" else "100%"
+        step = statistics.median(x["step_ms"] for x in rows)
+        ratio = (f"{tps / base:.1%} ({paired:.1%}) | {step:.2f} | {base_step / step:.1%} ({paired_step:.1%})"
+                 if name == "HTTP API" else f"100% | {step:.2f} | 100%")
         print(f"| {name} | {statistics.median(x['ttft_ms'] for x in rows):.0f} | {tps:.1f} | {ratio} |")
     return 0
 
