@@ -14,6 +14,7 @@ import time
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .talk import client_of
 
@@ -36,7 +37,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      for s in later["sessions"] if s["session_id"] in before}
             status = later
     # Piped or captured output keeps whole lines: the width of a terminal only where there is one.
-    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False, markup=False)
     show(console, status, rates)
     return 0
 
@@ -50,8 +51,11 @@ def _mb(value) -> str:
 
 
 def show(console: Console, status: dict, rates: dict[str, float] | None = None) -> None:
-    """Print a status dict (as `client.status()` returns it); `rates`: tokens/s by session id."""
-    console.print(f"swarm [bold]{status['swarm']!r}[/]: {status['state']} - {status['detail']}", soft_wrap=True)
+    """Print a status dict (as `client.status()` returns it); `rates`: tokens/s by session id.
+
+    Names and details come from the network: printed as plain text, never read as rich markup."""
+    console.print(Text.assemble("swarm ", (repr(status["swarm"]), "bold"), f": {status['state']} - {status['detail']}"),
+                  soft_wrap=True)
     console.print(f"model {status['model_name']} ({status['n_layer']} layers), context {status['n_ctx']} x "
                   f"{status['max_sessions']} sessions", soft_wrap=True)
     nodes = sorted(status["nodes"], key=lambda n: (n["layers"]["start"] if n["has_layers"] else 1 << 30))
@@ -82,7 +86,7 @@ def show(console: Console, status: dict, rates: dict[str, float] | None = None) 
         console.print("no sessions running")
     recoveries = status.get("recoveries", [])
     if recoveries:
-        console.print("[bold]recoveries[/]")
+        console.print("recoveries", style="bold")
     for r in recoveries:
         when = time.strftime("%H:%M:%S", time.localtime(r["at_unix"]))
         span = _span(r["layers"]) if r.get("layers") else "no layers"
@@ -90,7 +94,7 @@ def show(console: Console, status: dict, rates: dict[str, float] | None = None) 
             f"recovery {when}: node {r['node']} ({r['address']}, {span}) {r['detection']}; path {r['path']}, "
             f"{r['sessions']} session(s), stall {r['stall_ms']:.0f} ms, successor {r['successor'] or '-'}"
             + (f", {r['replayed_positions']} positions replayed" if r["replayed_positions"] else "")
-            + (f"; {r['detail']}" if r.get("detail") else ""), soft_wrap=True, markup=False)
+            + (f"; {r['detail']}" if r.get("detail") else ""), soft_wrap=True)
     c = {k: int(v) for k, v in (status.get("checkpoints") or {}).items()}
     if c.get("full") or c.get("deltas"):
         console.print(f"KV checkpoints: {c.get('full', 0)} full ({c.get('full_bytes', 0) / 1e6:.1f} MB), "
@@ -99,22 +103,23 @@ def show(console: Console, status: dict, rates: dict[str, float] | None = None) 
                       soft_wrap=True)
 
 
-def _table(*columns: str) -> Table:
+def _table(*columns: str, text_columns: int = 2) -> Table:
+    """A table whose first `text_columns` columns are text (left), the rest figures (right)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=True)
+        table.add_column(name, justify="left" if i < text_columns else "right", no_wrap=True)
     return table
 
 
 def _nodes_table(nodes: list[dict]) -> Table:
-    table = _table("node", "layers", "address", "state", "memory free/total", "cap", "threads")
+    table = _table("node", "layers", "address", "state", "memory free/total", "cap", "threads", text_columns=4)
     for n in nodes:
         r = n["resources"]
         layers = (_span(n["layers"]) if n["has_layers"] else "-") + ("*" if n["pinned"] else "")
         layers += "".join(f"+{_span(e)}" for e in n.get("extra_layers", []))
         colour = {"ready": "green", "idle": "green", "failed": "red", "backoff": "red"}.get(n["state"], "yellow")
         table.add_row(n["name"] + (" (c)" if n["is_coordinator"] else ""), layers, n["address"],
-                      f"[{colour}]{n['state']}[/]",
+                      Text(n["state"], style=colour),
                       f"{int(r['memory_available']) / (1 << 30):.1f}/{int(r['memory_total']) / (1 << 30):.1f} GB",
                       _mb(r["max_memory"]) if int(r["max_memory"]) else "-", str(r["threads"]))
     return table
