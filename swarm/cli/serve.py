@@ -119,9 +119,11 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     print(f"starting a local swarm: a coordinator and {args.nodes - 1} more node(s) on this machine ...", file=sys.stderr)
-    http_port = None if args.no_http else args.http_port
-    if http_port is None and not args.no_http:
-        # The usual port when it is free; a second `swarm local` on this machine takes any free one.
+    if args.no_http:
+        http_port = None
+    elif args.http_port is not None:
+        http_port = args.http_port
+    else:  # the usual port when it is free; a second `swarm local` on this machine takes any free one
         http_port = LOCAL_HTTP_PORT if _port_free(LOCAL_HTTP_PORT) else 0
     with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx, http_port=http_port) as swarm:
         status = swarm.client.status()
