@@ -99,6 +99,19 @@ def test_the_page_chats_shows_the_swarm_and_a_recovery_as_it_happens(page_swarm,
     assert done[0].text.startswith(expected.strip()), (done[0].text, expected)
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
 
+    # Stop mid-answer: the answer ends there and the session is freed.
+    browser.find_element(By.ID, "new-chat").click()
+    _ask(browser, "Tell me a very long story about a dragon.", 300)
+    _wait(browser, lambda d: len(_answers(d)) == 1 and len(_answers(d)[0].text) > 20, message="no streaming answer")
+    browser.find_element(By.ID, "stop").click()
+    stopped = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done"), 10,
+                    message="stop did not end the answer")[0]
+    assert stopped.text.endswith("stopped")
+    deadline = time.monotonic() + 15
+    while call(page_swarm.url + "/v1/swarm/status", key=KEY)[1]["sessions"]:
+        assert time.monotonic() < deadline, "the stopped answer's session is still running"
+        time.sleep(0.2)
+
     # A long answer, and the middle node killed while it streams: the page shows the recovery and the
     # answer goes on to its end.
     browser.find_element(By.ID, "new-chat").click()
