@@ -24,12 +24,14 @@ from .cache import key_file
 from .coordinator import Coordinator
 from .engine import default_threads
 from .errors import AuthError, BadInputError, PeerError, SwarmError
+from .http import HttpServer
 from .layers import LayerRange
 from .node import Node
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7700
+HTTP_PORT_OFFSET = 80  # the HTTP API's default port is the coordinator's + 80: 7780
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
 
 
@@ -118,10 +120,13 @@ class RunningCoordinator:
     key: str
     swarm: str
     advertiser: discovery.Advertiser | None
+    http: HttpServer | None = None  # the OpenAI-compatible API and the web page; None with --no-http
 
     def stop(self, grace: float = 1.0) -> None:
         if self.advertiser:
             self.advertiser.close()
+        if self.http:
+            self.http.stop()
         self.server.stop(grace).wait()
         self.step_server.close()
         self.coordinator.close()
@@ -137,24 +142,40 @@ def start_coordinator(
     model_path: Path, *, swarm: str = "default", key: str | None = None, name: str | None = None,
     host: str = "0.0.0.0", port: int = DEFAULT_PORT, max_memory: int = 0, pin: LayerRange | None = None,
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
-    reprofile: bool = False, failover: bool = True, step_port: int | None = None,
+    reprofile: bool = False, failover: bool = True, step_port: int | None = None, http: bool = True,
+    http_port: int | None = None,
 ) -> RunningCoordinator:
-    """Start the coordinator (it may host layers too) and advertise it on mDNS."""
+    """Start the coordinator (it may host layers too) and advertise it on mDNS.
+
+    With `http` the OpenAI-compatible API and the web page listen on `http_port`; None: --port + 80
+    (7780 by default), or any free port when --port is 0.
+    """
     engine.plan_threads(threads)
     key = key or wire.new_key()
     server, bound = wire.server(host, port, key)
     address = f"{_reachable_host(host)}:{bound}"
+    step_server = web = coordinator = None
     try:
         step_server = _step_server(host, bound if port else 0, step_port, key)
+        if http:  # bound before the model loads: a port in use is refused at once
+            web = HttpServer(host, http_port if http_port is not None else (bound + HTTP_PORT_OFFSET if port else 0))
+        coordinator = Coordinator(
+            model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
+            resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
+            max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
+            step_address=f"{_reachable_host(host)}:{step_server.port}",
+        )
+        if web:
+            web.serve(coordinator, key)
     except BaseException:
+        if web is not None:
+            web.stop()
+        if coordinator is not None:
+            coordinator.close()
+        if step_server is not None:
+            step_server.close()
         server.stop(0)
         raise
-    coordinator = Coordinator(
-        model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
-        resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
-        max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
-        step_address=f"{_reachable_host(host)}:{step_server.port}",
-    )
     step_server.start(coordinator.local.step)
     wire.CoordinatorServicer.add_to(server, coordinator)
     wire.NodeServicer.add_to(server, coordinator.local)
@@ -166,7 +187,7 @@ def start_coordinator(
         advertiser = discovery.Advertiser(swarm, name or socket.gethostname(), bound, addresses, interfaces)
     _write_private(key_file(swarm), json.dumps({"address": address, "key": key, "pid": os.getpid()}))
     log.info("coordinator of swarm %r listening on %s", swarm, address)
-    return RunningCoordinator(coordinator, server, step_server, address, key, swarm, advertiser)
+    return RunningCoordinator(coordinator, server, step_server, address, key, swarm, advertiser, web)
 
 
 class RunningNode:

@@ -49,6 +49,9 @@ class Swarm:
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[Proc] = []
         mdns = [] if via_mdns else ["--mdns-interface", "off"]
+        if not {"--http-port", "--no-http"} & set(coordinator_args):
+            # Any free port: the default (--port + 80) may be taken by chance on a busy machine.
+            coordinator_args = [*coordinator_args, "--http-port", "0"]
         self.coordinator = Proc(
             ["--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--key", key, "--ctx", str(ctx),
              "--name", "coord", *mdns, *coordinator_args], tmp / "coordinator.log", coordinator_env)

@@ -28,6 +28,7 @@ LAYERS = [
     {"node", "chain"},
     {"wire"},
     {"coordinator"},
+    {"http"},
     {"client"},
     {"join", "local"},
     {"cli"},

@@ -10,7 +10,7 @@ from .. import __version__
 from ..errors import SwarmError
 from .cache import cmd_cache
 from .model import DEFAULT_PROMPT, cmd_info, cmd_run, cmd_shard
-from .options import add_cache_limit, add_chat, add_client, add_model, add_sampling
+from .options import add_cache_limit, add_chat, add_client, add_http, add_model, add_sampling
 from .serve import cmd_join, cmd_local
 from .status import cmd_status
 from .talk import cmd_chat, cmd_generate
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="coordinator: keep no states for recovery; a node that fails ends its sessions")
     join.add_argument("--leave-after", default=None, metavar="DURATION",
                       help="leave gracefully after this long, e.g. 11h30m for a notebook session (nodes)")
+    add_http(join, "coordinator; default: --port + 80, so 7780")
     add_cache_limit(join)
     join.set_defaults(func=cmd_join)
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--nodes", type=int, default=3, help="processes to split the model over (default 3)")
     local.add_argument("--threads", type=int, default=None, help="llama.cpp threads per node")
     local.add_argument("--ctx", type=int, default=2048)
+    add_http(local, "default 7780, or any free port when 7780 is taken")
     add_chat(local)
     local.set_defaults(func=cmd_local)
 

@@ -56,3 +56,9 @@ def sampling_options(args: argparse.Namespace) -> dict:
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  repeat_penalty=args.repeat_penalty, seed=args.seed)
     return {k: v for k, v in given.items() if v is not None}
+
+
+def add_http(p: argparse.ArgumentParser, default_text: str) -> None:
+    p.add_argument("--http-port", type=int, default=None,
+                   help=f"port of the OpenAI-compatible HTTP API and the web page ({default_text})")
+    p.add_argument("--no-http", action="store_true", help="serve no HTTP API and no web page")

@@ -12,6 +12,25 @@ from ..layers import LayerRange
 from .talk import chat_session
 
 
+LOCAL_HTTP_PORT = 7780
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _browser_host(address: str) -> str:
+    host = address.rsplit(":", 1)[0]
+    return f"[{host}]" if ":" in host else host
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -50,6 +69,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
             reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
+            http=not args.no_http, http_port=args.http_port,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
@@ -58,6 +78,9 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(f"  swarm join --coordinator {running.address} {key_arg}", file=sys.stderr)
         if running.advertiser is not None:
             print(f"  (or on this network: swarm join --swarm {shlex.quote(args.swarm)} {key_arg})", file=sys.stderr)
+        if running.http:
+            print(f"web page and OpenAI-compatible API: http://{_browser_host(running.address)}:{running.http.port}/ "
+                  "(the swarm key is the API key)", file=sys.stderr)
         print("and chat with `swarm chat` here; Ctrl-C stops the swarm", file=sys.stderr)
         sys.stderr.flush()
         stop.wait()
@@ -96,11 +119,20 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     print(f"starting a local swarm: a coordinator and {args.nodes - 1} more node(s) on this machine ...", file=sys.stderr)
-    with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx) as swarm:
+    if args.no_http:
+        http_port = None
+    elif args.http_port is not None:
+        http_port = args.http_port
+    else:  # the usual port when it is free; a second `swarm local` on this machine takes any free one
+        http_port = LOCAL_HTTP_PORT if _port_free(LOCAL_HTTP_PORT) else 0
+    with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx, http_port=http_port) as swarm:
         status = swarm.client.status()
         print("layer map: " + ", ".join(
             f"{n['layers']['start']}:{n['layers']['end']} on {n['name']}" for n in sorted(
                 (n for n in status["nodes"] if n["has_layers"]), key=lambda n: n["layers"]["start"])),
             file=sys.stderr)
         print(f"node logs: {swarm.log_dir}", file=sys.stderr)
+        if swarm.running.http:
+            print(f"web page and OpenAI-compatible API: http://127.0.0.1:{swarm.running.http.port}/ (key: "
+                  f"{swarm.running.key})", file=sys.stderr)
         return chat_session(swarm.client, args)

@@ -1,67 +1,149 @@
-"""`swarm status`: the nodes, what each measured and holds, the sessions and the recoveries."""
+"""`swarm status`: the route, the nodes (layers, memory, measured speed), the sessions and the recoveries.
+
+The same fields as the web page (swarm/http/static/app.js), as tables drawn by rich; `--json` prints the
+status as the coordinator reports it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from .talk import client_of
+
+
+RATE_WINDOW_S = 1.0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with client_of(args) as client:
         status = client.status()
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(f"swarm {status['swarm']!r}: {status['state']} - {status['detail']}")
-    print(f"model {status['model_name']} ({status['n_layer']} layers), context {status['n_ctx']} x "
-          f"{status['max_sessions']} sessions")
-    print(f"{'node':<16} {'address':<22} {'layers':<8} {'state':<8} {'memory free/total':>18} {'cap':>8} {'threads':>7}")
-    for n in sorted(status["nodes"], key=lambda n: (n["layers"]["start"] if n["has_layers"] else 1 << 30)):
-        r = n["resources"]
-        layers = f"{n['layers']['start']}:{n['layers']['end']}" if n["has_layers"] else "-"
-        layers += "*" if n["pinned"] else ""
-        layers += "".join(f"+{e['start']}:{e['end']}" for e in n.get("extra_layers", []))
-        cap = f"{int(r['max_memory']) >> 20} MB" if int(r["max_memory"]) else "-"
-        name = n["name"] + (" (c)" if n["is_coordinator"] else "")
-        print(f"{name:<16} {n['address']:<22} {layers:<8} {n['state']:<8} "
-              f"{int(r['memory_available']) >> 20:>8}/{int(r['memory_total']) >> 20:<6} MB {cap:>8} {r['threads']:>7}")
-    print("(c) coordinator, * pinned with --layers, +A:B taken over from a node that failed or left")
-    print("\nmeasured (decode and prefill cost per byte of weights, fixed cost per step, link to the coordinator):")
-    for n in status["nodes"]:
-        p = n.get("profile") or {}
+        if args.json:
+            print(json.dumps(status, indent=2))
+            return 0
+        rates = {}
+        if status["sessions"]:  # tokens/s of each running session: what it generated in the next second
+            time.sleep(RATE_WINDOW_S)
+            later = client.status()
+            before = {s["session_id"]: s["generated"] for s in status["sessions"]}
+            rates = {s["session_id"]: (s["generated"] - before[s["session_id"]]) / RATE_WINDOW_S
+                     for s in later["sessions"] if s["session_id"] in before}
+            status = later
+    # Piped or captured output keeps whole lines: the width of a terminal only where there is one.
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False, markup=False)
+    show(console, status, rates)
+    return 0
+
+
+def _span(r: dict) -> str:
+    return f"{r['start']}:{r['end']}"
+
+
+def _mb(value) -> str:
+    return f"{int(value) >> 20:,} MB"
+
+
+def show(console: Console, status: dict, rates: dict[str, float] | None = None) -> None:
+    """Print a status dict (as `client.status()` returns it); `rates`: tokens/s by session id.
+
+    Names and details come from the network: printed as plain text, never read as rich markup."""
+    console.print(Text.assemble("swarm ", (repr(status["swarm"]), "bold"), f": {status['state']} - {status['detail']}"),
+                  soft_wrap=True)
+    console.print(f"model {status['model_name']} ({status['n_layer']} layers), context {status['n_ctx']} x "
+                  f"{status['max_sessions']} sessions", soft_wrap=True)
+    nodes = sorted(status["nodes"], key=lambda n: (n["layers"]["start"] if n["has_layers"] else 1 << 30))
+    spans = sorted([(n["layers"], n["name"], "") for n in nodes if n["has_layers"]]
+                   + [(r, n["name"], " (taken over)") for n in nodes for r in n.get("extra_layers", [])],
+                   key=lambda x: x[0]["start"])
+    console.print("route: " + (" -> ".join(f"{_span(r)} on {name}{how}" for r, name, how in spans) or "none yet"),
+                  soft_wrap=True)
+    console.print(_nodes_table(nodes))
+    console.print("(c) coordinator, * pinned with --layers, +A:B taken over from a node that failed or left",
+                  style="dim", soft_wrap=True)
+    console.print(_measured_table(nodes))
+    console.print("decode and prefill: cost per byte of weights; a fixed cost per step; the link to the coordinator",
+                  style="dim", soft_wrap=True)
+    for n in nodes:
         devices = ", ".join(f"{d['name']} ({d['type']})" for d in n["resources"].get("devices", []))
-        if p:
-            bw = f"{p['bandwidth_mbps']:.0f} MB/s" if p["bandwidth_mbps"] else "local"
-            print(f"  {n['name']:<14} decode {p['decode_ns_per_byte']:.2f} ns/byte, prefill "
-                  f"{p['prefill_ns_per_byte']:.3f} ns/byte/token, {p['step_overhead_ms']:.2f} ms/step, "
-                  f"rtt {p['rtt_ms']:.2f} ms, {bw}{', cached' if p['cached'] else ''}; {devices}")
-            if p.get("reason"):
-                print(f"  {'':<14} {p['reason']}")
-        else:
-            print(f"  {n['name']:<14} not measured yet; {devices}")
-        if n.get("detail"):
-            print(f"  {'':<14} {n['detail']}")
+        notes = [x for x in ((n.get("profile") or {}).get("reason"), n.get("detail"), devices and f"devices {devices}")
+                 if x]
+        for note in notes:
+            console.print(f"  {n['name']}: {note}", soft_wrap=True)
     if status["predicted_decode_tps"]:
         measured = (f"{status['measured_decode_tps']:.1f} measured over {status['measured_sessions']} session(s)"
                     if status["measured_sessions"] else "not measured yet")
-        print(f"decode: {status['predicted_decode_tps']:.1f} tokens/s predicted, {measured}")
-    for s in status["sessions"]:
-        print(f"session {s['session_id']}: {s['positions']} positions, {s['generated']} generated, {s['age_s']:.0f} s")
-    for r in status.get("recoveries", []):
+        console.print(f"decode: {status['predicted_decode_tps']:.1f} tokens/s predicted, {measured}", soft_wrap=True)
+    if status["sessions"]:
+        console.print(_sessions_table(status["sessions"], rates or {}))
+    else:
+        console.print("no sessions running")
+    recoveries = status.get("recoveries", [])
+    if recoveries:
+        console.print("recoveries", style="bold")
+    for r in recoveries:
         when = time.strftime("%H:%M:%S", time.localtime(r["at_unix"]))
-        span = f"{r['layers']['start']}:{r['layers']['end']}" if r.get("layers") else "no layers"
-        print(f"recovery {when}: node {r['node']} ({r['address']}, {span}) {r['detection']}; path {r['path']}, "
-              f"{r['sessions']} session(s), stall {r['stall_ms']:.0f} ms, successor {r['successor'] or '-'}"
-              + (f", {r['replayed_positions']} positions replayed" if r["replayed_positions"] else "")
-              + (f"; {r['detail']}" if r.get("detail") else ""))
+        span = _span(r["layers"]) if r.get("layers") else "no layers"
+        console.print(
+            f"recovery {when}: node {r['node']} ({r['address']}, {span}) {r['detection']}; path {r['path']}, "
+            f"{r['sessions']} session(s), stall {r['stall_ms']:.0f} ms, successor {r['successor'] or '-'}"
+            + (f", {r['replayed_positions']} positions replayed" if r["replayed_positions"] else "")
+            + (f"; {r['detail']}" if r.get("detail") else ""), soft_wrap=True)
     c = {k: int(v) for k, v in (status.get("checkpoints") or {}).items()}
     if c.get("full") or c.get("deltas"):
-        print(f"KV checkpoints: {c.get('full', 0)} full ({c.get('full_bytes', 0) / 1e6:.1f} MB), {c.get('deltas', 0)} "
-              f"deltas ({c.get('delta_bytes', 0) / 1e6:.1f} MB)"
-              + (f", {c['refused']} refused (base gone; a full one followed)" if c.get("refused") else ""))
-    if not status["sessions"]:
-        print("no sessions running")
-    return 0
+        console.print(f"KV checkpoints: {c.get('full', 0)} full ({c.get('full_bytes', 0) / 1e6:.1f} MB), "
+                      f"{c.get('deltas', 0)} deltas ({c.get('delta_bytes', 0) / 1e6:.1f} MB)"
+                      + (f", {c['refused']} refused (base gone; a full one followed)" if c.get("refused") else ""),
+                      soft_wrap=True)
+
+
+def _table(*columns: str, text_columns: int = 2) -> Table:
+    """A table whose first `text_columns` columns are text (left), the rest figures (right)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i < text_columns else "right", no_wrap=True)
+    return table
+
+
+def _nodes_table(nodes: list[dict]) -> Table:
+    table = _table("node", "layers", "address", "state", "memory free/total", "cap", "threads", text_columns=4)
+    for n in nodes:
+        r = n["resources"]
+        layers = (_span(n["layers"]) if n["has_layers"] else "-") + ("*" if n["pinned"] else "")
+        layers += "".join(f"+{_span(e)}" for e in n.get("extra_layers", []))
+        colour = {"ready": "green", "idle": "green", "failed": "red", "backoff": "red"}.get(n["state"], "yellow")
+        table.add_row(n["name"] + (" (c)" if n["is_coordinator"] else ""), layers, n["address"],
+                      Text(n["state"], style=colour),
+                      f"{int(r['memory_available']) / (1 << 30):.1f}/{int(r['memory_total']) / (1 << 30):.1f} GB",
+                      _mb(r["max_memory"]) if int(r["max_memory"]) else "-", str(r["threads"]))
+    return table
+
+
+def _measured_table(nodes: list[dict]) -> Table:
+    table = _table("measured", "", "decode ns/byte", "prefill ns/byte/token", "ms/step", "rtt ms", "link")
+    for n in nodes:
+        p = n.get("profile") or {}
+        if not p:
+            table.add_row(n["name"], "not measured yet", "", "", "", "", "")
+            continue
+        table.add_row(n["name"], "cached" if p.get("cached") else "", f"{p['decode_ns_per_byte']:.2f}",
+                      f"{p['prefill_ns_per_byte']:.3f}", f"{p['step_overhead_ms']:.2f}", f"{p['rtt_ms']:.2f}",
+                      f"{p['bandwidth_mbps']:.0f} MB/s" if p["bandwidth_mbps"] else "local")
+    return table
+
+
+def _sessions_table(sessions: list[dict], rates: dict[str, float]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("session", "positions", "generated", "tokens/s", "age", "checkpoints"):
+        table.add_column(name, justify="left" if name == "session" else "right", no_wrap=True)
+    for s in sessions:
+        rate = rates.get(s["session_id"])
+        table.add_row(s["session_id"], str(s["positions"]), str(s["generated"]), "-" if rate is None else f"{rate:.1f}",
+                      f"{s['age_s']:.0f} s", f"{int(s['checkpoint_bytes']) / 1e6:.1f} MB")
+    return table

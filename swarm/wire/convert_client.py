@@ -109,3 +109,8 @@ def timings_dict(t: m.StepTimings) -> dict:
             "network_ms": t.network_ms, "sampling_ms": t.sampling_ms}
 
 
+
+
+def report_dict(s: m.StatusReport) -> dict:
+    """A status report as the plain dict `swarm status --json` prints (for the HTTP status endpoint)."""
+    return status_dict(status_pb(s))
