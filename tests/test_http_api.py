@@ -83,6 +83,21 @@ def test_streaming_greedy_completion_is_the_same_text_and_ends_with_usage(client
     assert chunks[-1].usage.completion_tokens == usage["completion_tokens"]
 
 
+def test_greedy_chat_is_llama_cpps_create_chat_completion_with_its_prompt_count(client, model):
+    """The model's own chat template (SmolLM2's ChatML with its default system prompt) through the API:
+    the same greedy answer and prompt token count as llama-cpp-python's create_chat_completion."""
+    import llama_cpp
+
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    llm = llama_cpp.Llama(model_path=str(smollm2_path()), n_ctx=512, verbose=False)
+    ref = llm.create_chat_completion(messages=messages, max_tokens=N, temperature=0, repeat_penalty=1.0)
+    del llm
+    out = client.chat.completions.create(model=model, messages=messages, max_tokens=N, temperature=0)
+    assert out.choices[0].message.content == ref["choices"][0]["message"]["content"]
+    assert out.usage.prompt_tokens == ref["usage"]["prompt_tokens"]
+    assert out.usage.completion_tokens == ref["usage"]["completion_tokens"]
+
+
 def test_chat_streams_and_blocks_alike_for_a_seed(client, model):
     messages = [{"role": "system", "content": "You answer in one short sentence."},
                 {"role": "user", "content": "What is the tallest mountain in the world?"}]
