@@ -137,7 +137,7 @@ def start_coordinator(
     model_path: Path, *, swarm: str = "default", key: str | None = None, name: str | None = None,
     host: str = "0.0.0.0", port: int = DEFAULT_PORT, max_memory: int = 0, pin: LayerRange | None = None,
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
-    reprofile: bool = False, failover: bool = True, step_port: int | None = None,
+    reprofile: bool = False, failover: bool = True, step_port: int | None = None, standbys: bool = True,
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS."""
     engine.plan_threads(threads)
@@ -153,7 +153,7 @@ def start_coordinator(
         model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
         resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
         max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
-        step_address=f"{_reachable_host(host)}:{step_server.port}",
+        step_address=f"{_reachable_host(host)}:{step_server.port}", standbys=standbys,
     )
     step_server.start(coordinator.local.step)
     wire.CoordinatorServicer.add_to(server, coordinator)

@@ -78,11 +78,12 @@ class ContextSettings:
 @dataclass(frozen=True)
 class Load:
     """Load `shard` (fetching it if needed), beside what the node holds (`extra`) or instead of it;
-    `shard` None: drop everything."""
+    `shard` None: drop everything, or only the range `drop`."""
 
     shard: ShardSpec | None
     settings: ContextSettings | None = None
     extra: bool = False
+    drop: LayerRange | None = None
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,18 @@ class RecoveryReport:
 
 
 @dataclass(frozen=True)
+class StandbyReport:
+    """A node holding a loaded replica of a range it does not serve."""
+
+    layers: LayerRange
+    node: str  # the standby's name
+    guards: str  # the name of the node serving the range
+    nbytes: int
+    state: str  # loading, ready
+    checkpoints: int  # checkpoints it received since it was loaded
+
+
+@dataclass(frozen=True)
 class CheckpointCounts:
     full: int = 0
     deltas: int = 0
@@ -407,3 +420,4 @@ class StatusReport:
     measured_sessions: int = 0
     recoveries: tuple[RecoveryReport, ...] = ()
     checkpoints: CheckpointCounts = CheckpointCounts()
+    standbys: tuple[StandbyReport, ...] = ()

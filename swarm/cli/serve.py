@@ -50,6 +50,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
             reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
+            standbys=not args.no_standbys,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)

@@ -57,6 +57,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{r['sessions']} session(s), stall {r['stall_ms']:.0f} ms, successor {r['successor'] or '-'}"
               + (f", {r['replayed_positions']} positions replayed" if r["replayed_positions"] else "")
               + (f"; {r['detail']}" if r.get("detail") else ""))
+    for b in status.get("standbys", []):
+        print(f"standby: {b['node']} holds layers {b['layers']['start']}:{b['layers']['end']} for {b['guards']} "
+              f"({b['state']}, {int(b['bytes']) >> 20} MB, {int(b['checkpoints'])} checkpoints received)")
     c = {k: int(v) for k, v in (status.get("checkpoints") or {}).items()}
     if c.get("full") or c.get("deltas"):
         print(f"KV checkpoints: {c.get('full', 0)} full ({c.get('full_bytes', 0) / 1e6:.1f} MB), {c.get('deltas', 0)} "

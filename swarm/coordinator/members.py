@@ -104,6 +104,12 @@ class Membership:
         x = self.known(node_id)
         return x.name if x is not None else node_id
 
+    def losses(self, address: str, now: float | None = None) -> int:
+        """How often the node at `address` was lost within the flapping window (how unreliable it is)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return sum(1 for t in self._losses.get(address, ()) if now - t <= failover.FLAP_WINDOW_S)
+
     def known(self, node_id: str) -> Member | None:
         """A member, or one removed lately (errors and records still name it as it joined)."""
         with self._lock:

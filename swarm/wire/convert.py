@@ -91,7 +91,10 @@ def chunk_of(c: pb.ShardChunk) -> m.ShardChunk:
 
 def load_pb(order: m.Load) -> pb.AssignRequest:
     if order.shard is None:
-        return pb.AssignRequest(has_shard=False)
+        out = pb.AssignRequest(has_shard=False)
+        if order.drop is not None:
+            out.drop.CopyFrom(span(order.drop))
+        return out
     s = order.settings
     return pb.AssignRequest(has_shard=True, extra=order.extra, shard=shard_spec_pb(order.shard), n_ctx=s.n_ctx,
                             max_sessions=s.max_sessions, n_batch=s.n_batch)
@@ -99,7 +102,7 @@ def load_pb(order: m.Load) -> pb.AssignRequest:
 
 def load_of(r: pb.AssignRequest) -> m.Load:
     if not r.has_shard:
-        return m.Load(None)
+        return m.Load(None, drop=layers_of(r.drop) if r.HasField("drop") else None)
     return m.Load(shard_spec_of(r.shard), m.ContextSettings(int(r.n_ctx), int(r.max_sessions), int(r.n_batch)),
                   bool(r.extra))
 
