@@ -62,7 +62,8 @@ class Standbys:
         self._taken: dict[tuple[str, LayerRange], Standby] = {}  # (node, range) -> a standby that took over
         self._queue: dict[tuple[str, LayerRange], tuple[object, Checkpoint]] = {}  # newest per session and range
         self._joined: dict[tuple[str, LayerRange], tuple[int, str, bytes]] = {}  # last full state forwarded
-        self._forwarding = threading.Lock()  # held while a checkpoint goes to a standby; a takeover waits
+        # Held while a checkpoint goes to a standby: a takeover or a drop waits for it.
+        self._forwarding = threading.RLock()
         self._generation = 0  # raised by every plan: a load ordered before it no longer counts
         self._due = False
         self._enabled = enabled
@@ -198,7 +199,8 @@ class Standbys:
                 self.rearrange()
 
     def _arrange(self) -> None:
-        """Choose standbys for the unguarded ranges of the route and load them."""
+        """Choose the route's standbys afresh (a lost standby's range may now outrank one that stands) and
+        load what is missing; one that is no longer chosen gives its memory back first."""
         route = self._placement.route()
         if not route:
             return
@@ -212,25 +214,23 @@ class Standbys:
                 if x.excluded_until <= now and x.state not in ("failed", "leaving", "backoff")
                 and (x.is_self or self._measurer.probed(x.node_id) is not None)}
         serving = {h.layers: h.node_id for h in route}
-        with self._cond:
-            generation = self._generation
-            stale = [sb for r, sb in self._by_range.items()
-                     if sb.node_id not in live or serving.get(r) in (None, sb.node_id)]
-            for sb in stale:
-                del self._by_range[sb.layers]
-            standing = dict(self._by_range)
-        for sb in stale:
-            self._drop(sb)
         # The coordinator's own range is never rebuilt (if it fails, the swarm stops): nothing to guard.
         guarded = [failover.Guarded(h.layers, need(h.layers), h.node_id, self._members.losses(h.address))
-                   for h in route if not h.is_self and h.layers not in standing]
+                   for h in route if not h.is_self]
         on_route = {h.node_id for h in route}
-        spares = []
-        for x in live.values():
-            used = sum(need(r) for r in self._placement.holding(x.node_id).hosted())
-            used += sum(sb.nbytes for sb in standing.values() if sb.node_id == x.node_id)
-            spares.append(failover.Spare(x.node_id, x.usable_memory() - used, x.node_id in on_route))
-        for layers, node_id in failover.choose_standbys(guarded, spares).items():
+        spares = [failover.Spare(x.node_id, x.usable_memory() - sum(
+            need(r) for r in self._placement.holding(x.node_id).hosted()), x.node_id in on_route)
+            for x in live.values()]
+        chosen = failover.choose_standbys(guarded, spares)
+        with self._cond:
+            generation = self._generation
+            stale = [sb for r, sb in self._by_range.items() if chosen.get(r) != sb.node_id]
+            for sb in stale:
+                del self._by_range[sb.layers]
+            missing = {r: n for r, n in chosen.items() if r not in self._by_range}
+        for sb in stale:
+            self._drop(sb)
+        for layers, node_id in missing.items():
             self._load(live[node_id], Standby(layers, node_id, serving[layers], need(layers),
                                               self._files.spec(layers).shard_id), generation)
 
@@ -260,6 +260,10 @@ class Standbys:
 
     def _drop(self, sb: Standby) -> None:
         """Have a standby's node unload it (unless the node serves that range now)."""
+        with self._forwarding:
+            self._unload(sb)
+
+    def _unload(self, sb: Standby) -> None:
         x = self._members.get(sb.node_id)
         route = self._placement.route() or ()
         if x is None or any(h.node_id == sb.node_id and h.layers == sb.layers for h in route):
