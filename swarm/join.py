@@ -175,9 +175,10 @@ class RunningNode:
     def __init__(
         self, *, coordinator: str | None, swarm: str, key: str, name: str, host: str, port: int,
         max_memory: int, pin: LayerRange | None, threads: int | None, mdns_interface: str | None,
-        reprofile: bool = False, step_port: int | None = None,
+        reprofile: bool = False, step_port: int | None = None, leave_at: float | None = None,
     ):
         engine.plan_threads(threads)
+        self.leave_at = leave_at  # time.monotonic() of --leave-after's deadline (told to the coordinator)
         self.swarm, self.key, self.name = swarm, key, name
         self.pin, self.max_memory, self.threads = pin, max_memory, threads
         self.interfaces = discovery.interfaces_for(host, mdns_interface)
@@ -231,7 +232,8 @@ class RunningNode:
     def _join(self) -> None:
         welcome = self._coordinator().join(m.JoinRequest(
             name=self.name, port=self.port, step_port=self.step_port, host=self.host, pin=self.pin,
-            resources=resources(self.max_memory, self.threads, with_devices=True), version=__version__))
+            resources=resources(self.max_memory, self.threads, with_devices=True), version=__version__,
+            leave_after_s=max(0.001, self.leave_at - time.monotonic()) if self.leave_at is not None else 0.0))
         self.node_id = welcome.node_id
         self.heartbeat_s = welcome.heartbeat_s or 1.0
         named = f" as {welcome.name}" + (f" (another node is {self.name})" if welcome.name != self.name else "")

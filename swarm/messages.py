@@ -141,6 +141,7 @@ class JoinRequest:
     host: str = ""  # where peers reach the node; empty: the address the call came from
     pin: LayerRange | None = None
     version: str = ""
+    leave_after_s: float = 0.0  # --leave-after: it leaves this many seconds from now (0: no deadline)
 
 
 @dataclass(frozen=True)

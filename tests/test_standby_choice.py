@@ -51,3 +51,50 @@ def test_a_node_off_the_route_is_preferred_so_the_route_keeps_its_cores():
 def test_a_range_without_a_size_is_refused():
     with pytest.raises(BadInputError, match="positive size"):
         choose_standbys([Guarded(LAST, 0, "c")], [Spare("idle", 400 * MB, False)])
+
+
+def _member_list():
+    from swarm import messages as m
+    from swarm.coordinator.members import Member, Membership
+
+    me = Member("n0", "coord", "127.0.0.1:1", "127.0.0.1:2", m.Resources(), None, is_self=True)
+    return Membership(me, lambda *a: None, lambda: None), m
+
+
+def test_a_node_with_a_leave_after_deadline_or_past_losses_counts_as_less_reliable():
+    members, m = _member_list()
+    ok = lambda x: False  # noqa: E731 (nobody's pin is contested here)
+    steady = members.admit(m.JoinRequest("steady", 10, 11, m.Resources()), "127.0.0.1:10", "127.0.0.1:11", ok)
+    notebook = members.admit(m.JoinRequest("notebook", 20, 21, m.Resources(), leave_after_s=3600.0),
+                             "127.0.0.1:20", "127.0.0.1:21", ok)
+    assert members.risk(steady.node_id, steady.address) == 0
+    assert members.risk(notebook.node_id, notebook.address) == 1
+    members.remove(steady.node_id, "missed its heartbeats", "missed heartbeats")
+    again = members.admit(m.JoinRequest("steady", 10, 11, m.Resources()), "127.0.0.1:10", "127.0.0.1:11", ok)
+    assert members.risk(again.node_id, again.address) == 1  # lost once before
+
+
+def test_a_join_with_an_impossible_leave_after_is_refused():
+    from swarm.coordinator.members import check_join
+
+    _, m = _member_list()
+    for bad in (-1.0, float("nan"), 1e12):
+        with pytest.raises(BadInputError, match="--leave-after"):
+            check_join(m.JoinRequest("x", 10, 11, m.Resources(), leave_after_s=bad), 18)
+
+
+def test_the_leave_deadline_and_the_standbys_cross_the_wire():
+    from swarm.layers import LayerRange as R
+    from swarm.wire import convert, convert_client
+
+    _, m = _member_list()
+    j = m.JoinRequest("nb", 10, 11, m.Resources(), leave_after_s=41400.0)
+    assert convert.join_of(convert.join_pb(j)).leave_after_s == 41400.0
+    assert convert.load_of(convert.load_pb(m.Load(None, drop=R(12, 18)))) == m.Load(None, drop=R(12, 18))
+    assert convert.load_of(convert.load_pb(m.Load(None))).drop is None
+    report = m.StatusReport("s", "model", 18, "ready", "", 512, 4, standbys=(
+        m.StandbyReport(R(12, 18), "coord", "node2", 300 << 20, "ready", 7),))
+    (b,) = convert_client.status_dict(convert_client.status_pb(report))["standbys"]
+    assert b["layers"] == {"start": 12, "end": 18} and (b["node"], b["guards"], b["state"]) == ("coord", "node2",
+                                                                                               "ready")
+    assert int(b["bytes"]) == 300 << 20 and int(b["checkpoints"]) == 7

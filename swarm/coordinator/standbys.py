@@ -141,6 +141,8 @@ class Standbys:
                 del self._by_range[layers]
                 for key in [k for k in self._queue if k[1] == layers]:
                     del self._queue[key]
+                for key in [k for k in self._joined if k[1] == layers]:
+                    del self._joined[key]
                 self._taken[(sb.node_id, layers)] = sb
                 self._due = True  # guard the other ranges with what memory is left
                 self._cond.notify_all()
@@ -215,7 +217,7 @@ class Standbys:
                 and (x.is_self or self._measurer.probed(x.node_id) is not None)}
         serving = {h.layers: h.node_id for h in route}
         # The coordinator's own range is never rebuilt (if it fails, the swarm stops): nothing to guard.
-        guarded = [failover.Guarded(h.layers, need(h.layers), h.node_id, self._members.losses(h.address))
+        guarded = [failover.Guarded(h.layers, need(h.layers), h.node_id, self._members.risk(h.node_id, h.address))
                    for h in route if not h.is_self]
         on_route = {h.node_id for h in route}
         spares = [failover.Spare(x.node_id, x.usable_memory() - sum(
@@ -296,7 +298,7 @@ class Standbys:
         with self._forwarding:
             with self._cond:
                 sb = self._by_range.get(layers)
-            x = self._members.get(sb.node_id) if sb is not None else None
+            x = self._members.get(sb.node_id) if sb is not None and sb.state == "ready" else None
             if x is None or self._find(sid) is None:
                 return
             try:

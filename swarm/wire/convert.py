@@ -132,7 +132,8 @@ def probe_result_of(r: pb.ProbeReply) -> m.ProbeResult:
 
 def join_pb(j: m.JoinRequest) -> pb.JoinRequest:
     out = pb.JoinRequest(name=j.name, host=j.host, port=j.port, step_port=j.step_port,
-                         resources=resources_pb(j.resources), has_pin=j.pin is not None, version=j.version)
+                         resources=resources_pb(j.resources), has_pin=j.pin is not None, version=j.version,
+                         leave_after_s=j.leave_after_s)
     if j.pin is not None:
         out.pin.CopyFrom(span(j.pin))
     return out
@@ -141,7 +142,8 @@ def join_pb(j: m.JoinRequest) -> pb.JoinRequest:
 def join_of(r: pb.JoinRequest) -> m.JoinRequest:
     return m.JoinRequest(name=r.name, port=int(r.port), step_port=int(r.step_port),
                          resources=resources_of(r.resources), host=r.host,
-                         pin=layers_of(r.pin) if r.has_pin else None, version=r.version)
+                         pin=layers_of(r.pin) if r.has_pin else None, version=r.version,
+                         leave_after_s=float(r.leave_after_s))
 
 
 # ---------------------------------------------------------------- a pipeline step
