@@ -16,6 +16,8 @@ from .layers import LayerRange
 # rebuilding it elsewhere replays at most about this much compute (plus the step that passes it).
 # Every hop also checkpoints with a prompt's last piece (the coordinator sees to that).
 REPLAY_BUDGET_S = 0.3
+# A range with a standby is checkpointed more often: with no load to wait for, the replay is the stall.
+STANDBY_REPLAY_BUDGET_S = 0.12
 # A node lost this many times within FLAP_WINDOW_S is kept out of plans for a while, doubling each time.
 FLAP_LOSSES = 2
 FLAP_WINDOW_S = 300.0

@@ -95,7 +95,7 @@ class Coordinator:
                                  self.sessions.get, enabled=standbys and failover)
         self.succession = Succession(self.members, self.placement, self.measurer, self.files, self.peers,
                                      self.standbys)
-        self.stepper = Stepper(self.peers, failover, replay_budget_from_env())
+        self.stepper = Stepper(self.peers, failover, replay_budget_from_env(), lambda: self.standbys.guarded())
         self.recoveries = RecoveryLog()
         self.recovery = Recovery(self.members, self.placement, self.succession, self.recoveries, self.peers,
                                  self.stepper, settings.n_batch, self.standbys)

@@ -12,7 +12,9 @@ cost to the route: the step path never waits for a forward. See docs/fault-toler
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -113,6 +115,11 @@ class Standbys:
                 del self._by_range[layers]
             self._due = True
             self._cond.notify_all()
+
+    def guarded(self) -> frozenset:
+        """The ranges a ready standby stands by for."""
+        with self._cond:
+            return frozenset(r for r, sb in self._by_range.items() if sb.state == "ready")
 
     def bytes_on(self, node_id: str) -> int:
         """The memory standbys take on a node."""
@@ -276,6 +283,10 @@ class Standbys:
             log.warning("node %s could not drop its standby of layers %s: %s", x.name, sb.layers, e)
 
     def _forward_loop(self) -> None:
+        # Forwarding is never urgent (a lagging standby imports from the coordinator's store at a takeover):
+        # on Linux this thread yields its core to the route's compute (nice 19 applies per thread there).
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         swept = time.monotonic()
         while not self._stop.is_set():
             with self._cond:
