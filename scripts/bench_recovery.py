@@ -171,20 +171,25 @@ class Bench:
             self.wait_ready()
 
     def paired(self, prompt: str, rounds: int, arm, context: int) -> tuple:
-        """Decode tokens/s with arm(True) and arm(False), alternating which goes first, on this one swarm."""
-        on, off = [], []
+        """Decode tokens/s with arm(True) and arm(False), alternating which goes first, on this one swarm; and
+        the CPU the standbys' forwarding took here, as a share of the "on" generations' wall time."""
+        on, off, cpu, wall = [], [], 0.0, 0.0
         for r in range(rounds + rounds % 2):  # an even count: each arm goes first equally often
             got = {}
             for enabled in (True, False) if r % 2 else (False, True):
                 arm(enabled)
+                cpu0, t0 = self.coordinator.standbys.forward_cpu_s, time.monotonic()
                 got[enabled] = self.decode(prompt, 128)["tps"]
+                if enabled:
+                    cpu += self.coordinator.standbys.forward_cpu_s - cpu0
+                    wall += time.monotonic() - t0
             on.append(got[True]), off.append(got[False])
             print(f"context {context}, round {r}: on {got[True]:.1f} tok/s, off {got[False]:.1f} tok/s", file=sys.stderr)
         logs = [math.log(a / b) for a, b in zip(on, off)]
         spread = 2 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
         mean = statistics.mean(logs)
         return (context, statistics.median(on), statistics.median(off),
-                (math.exp(mean), math.exp(mean - spread), math.exp(mean + spread)))
+                (math.exp(mean), math.exp(mean - spread), math.exp(mean + spread)), cpu / max(wall, 1e-9))
 
     def close(self) -> None:
         for p in self.procs.values():
@@ -322,10 +327,11 @@ def main() -> int:
     if standby_cost:
         print(f"\nstandbys on | off, failover on in both, {args.rounds + args.rounds % 2} rounds, each arm first in "
               "half of them; on / off: geometric mean of the rounds' ratios (plus or minus two standard errors)")
-        print("\n| context | decode tok/s, standbys on (median) | off (median) | on / off | 95% interval |")
-        print("|---|---|---|---|---|")
-        for context, on, off, (ratio, low, high) in standby_cost:
-            print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {ratio:.1%} | {low:.1%}-{high:.1%} |")
+        print("\n| context | decode tok/s, standbys on (median) | off (median) | on / off | 95% interval "
+              "| forwarding CPU, share of one core |")
+        print("|---|---|---|---|---|---|")
+        for context, on, off, (ratio, low, high), cpu in standby_cost:
+            print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {ratio:.1%} | {low:.1%}-{high:.1%} | {cpu:.1%} |")
     if not cost:
         return 0
     arms = "on, and on again (--control)" if args.control else "on | off"

@@ -86,6 +86,7 @@ def test_kill_9_of_the_last_range_is_taken_over_by_its_standby_with_no_load(swar
     assert "takes layers 12:18 over from node2: it stood by (no load)" in log
     takeover = log.split("takes layers 12:18 over")[1].split("carried over at position")[0]
     assert "serving layers" not in takeover  # no shard was loaded between the takeover and the resumed step
+    assert "the standby of layers 12:18 holds its checkpoint" in takeover  # nor a checkpoint imported
     # the swarm goes on serving new sessions on the repaired route, and they are exact too
     again = swarm.client.complete(PROMPTS[0], max_tokens=16)
     assert again.tokens == reference.run(PROMPTS[0], N)[1][:16]

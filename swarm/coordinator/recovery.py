@@ -127,6 +127,8 @@ class Recovery:
                 keep = base[i + 1].positions if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
                 peer = self._peers.of(hop)
                 if warm:  # a standby imported this very checkpoint when it was taken: only the attempt moves on
+                    log.info("session %s: the standby of layers %s holds its checkpoint at %d positions", session.sid,
+                             hop.layers, at)
                     peer.rewind(m.Rewind(session.sid, hop.layers, at, session.epoch))
                 else:
                     self._stepper.open(session, hop, history=session.tokens[:at])

@@ -70,6 +70,7 @@ class Standbys:
         self._due = False
         self._enabled = enabled
         self._stop = threading.Event()
+        self.forward_cpu_s = 0.0  # CPU time the forwarding thread spent (joins, and imports into a standby here)
 
     # ------------------------------------------------------------ what others ask
 
@@ -297,7 +298,9 @@ class Standbys:
                     key = next(iter(self._queue))
                     item = (key, *self._queue.pop(key))
             if item is not None:
+                cpu = time.thread_time()
                 self._forward(*item)
+                self.forward_cpu_s += time.thread_time() - cpu
             elif time.monotonic() - swept >= SWEEP_S:
                 swept = time.monotonic()
                 self._sweep()
