@@ -114,6 +114,7 @@ class Guarded:
     need_bytes: int  # what a replica takes (the planner's estimate); also what a successor would load
     holder: str  # node id of the node that serves it
     risk: int = 0  # how unreliable the holder is: its recent losses (more: guard it first)
+    shard_id: str = ""  # its shard file
 
 
 @dataclass(frozen=True)
@@ -123,25 +124,29 @@ class Spare:
     node_id: str
     free_bytes: int
     on_route: bool  # serves a range of the route (a standby there shares its memory and cores)
+    files: frozenset[str] | None = frozenset()  # shard files it holds (None: every one, the coordinator)
 
 
 def choose_standbys(ranges: list[Guarded], spares: list[Spare]) -> dict[LayerRange, str]:
     """Which node stands by for which range (range -> node id), within each node's free memory.
 
     The ranges a loss would cost most are guarded first: an unreliable holder, then the most bytes to
-    load. Each gets the node off the route with the most room, else one on the route; never its own
-    holder; at most one standby per range. Nothing when no node has the memory."""
+    load. Each gets a node off the route before one on it, then one that holds the shard file (no transfer),
+    then the one with the most room; never its own holder; at most one standby per range. Nothing when
+    no node has the memory."""
     for r in ranges:
         if r.need_bytes <= 0:
             raise BadInputError(f"a standby of layers {r.layers} needs a positive size, got {r.need_bytes}")
     free = {s.node_id: s.free_bytes for s in spares}
     off_route = {s.node_id: not s.on_route for s in spares}
+    files = {s.node_id: s.files for s in spares}
     chosen: dict[LayerRange, str] = {}
     for r in sorted(ranges, key=lambda r: (-r.risk, -r.need_bytes, r.layers.start)):
         fits = [n for n, f in free.items() if n != r.holder and f >= r.need_bytes]
         if r.layers in chosen or not fits:
             continue
-        best = min(fits, key=lambda n: (not off_route[n], -free[n], n))
+        best = min(fits, key=lambda n: (not off_route[n], not (files[n] is None or r.shard_id in files[n]),
+                                        -free[n], n))
         chosen[r.layers] = best
         free[best] -= r.need_bytes
     return chosen

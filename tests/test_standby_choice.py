@@ -98,3 +98,12 @@ def test_the_leave_deadline_and_the_standbys_cross_the_wire():
     assert b["layers"] == {"start": 12, "end": 18} and (b["node"], b["guards"], b["state"]) == ("coord", "node2",
                                                                                                "ready")
     assert int(b["bytes"]) == 300 << 20 and int(b["checkpoints"]) == 7
+
+
+def test_a_node_that_holds_the_shard_file_is_preferred_so_nothing_is_transferred():
+    route = [Guarded(LAST, 380 * MB, "c", shard_id="last")]
+    spares = [Spare("b", 4000 * MB, True), Spare("coord", 1000 * MB, True, files=None),
+              Spare("a", 3000 * MB, True, files=frozenset({"last"}))]
+    assert choose_standbys(route, spares) == {LAST: "a"}  # the most room among those with the file
+    assert choose_standbys(route, spares[:2]) == {LAST: "coord"}  # the coordinator holds every file
+    assert choose_standbys(route, spares[:1] + [Spare("idle", 400 * MB, False)]) == {LAST: "idle"}  # off the route

@@ -225,12 +225,14 @@ class Standbys:
                 and (x.is_self or self._measurer.probed(x.node_id) is not None)}
         serving = {h.layers: h.node_id for h in route}
         # The coordinator's own range is never rebuilt (if it fails, the swarm stops): nothing to guard.
-        guarded = [failover.Guarded(h.layers, need(h.layers), h.node_id, self._members.risk(h.node_id, h.address))
-                   for h in route if not h.is_self]
+        guarded = [failover.Guarded(h.layers, need(h.layers), h.node_id, self._members.risk(h.node_id, h.address),
+                                    self._files.spec(h.layers).shard_id) for h in route if not h.is_self]
         on_route = {h.node_id for h in route}
-        spares = [failover.Spare(x.node_id, x.usable_memory() - sum(
-            need(r) for r in self._placement.holding(x.node_id).hosted()), x.node_id in on_route)
-            for x in live.values()]
+        spares = []
+        for x in live.values():
+            held = self._placement.holding(x.node_id)
+            spares.append(failover.Spare(x.node_id, x.usable_memory() - sum(need(r) for r in held.hosted()),
+                                         x.node_id in on_route, None if x.is_self else frozenset(held.files)))
         chosen = failover.choose_standbys(guarded, spares)
         with self._cond:
             generation = self._generation
