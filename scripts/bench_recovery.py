@@ -10,7 +10,10 @@ uninterrupted run, reads the coordinator's recovery record, and restarts the bro
 - replay: kill -9 of a node (its shard file is on the coordinator: no transfer); the lost range is
   loaded there, its KV cache restored from the last checkpoint and the steps since replayed;
 - recompute: the same failure with rebuilding from kept states switched off (everything from tokens);
-- migrate: SIGTERM, the node hands each session's KV state to its successor between two steps.
+- migrate: SIGTERM, the node hands each session's KV state to its successor between two steps;
+- standby (part `standby`): kill -9 of each range's node with and without standbys (the coordinator,
+  which has the memory, holds a loaded replica of every range and imports its checkpoints as they are
+  taken; off: the coordinator loads the lost range, as in replay).
 
 Stall is the coordinator's figure: from detecting the failure to the first token after it.
 Detection is measured from the signal: kill -9 (a dead process) and SIGSTOP (a hung one).
@@ -18,9 +21,11 @@ The steady-state cost compares decode tokens/s with failover on and off (`swarm 
 alternating round by round on one swarm (each arm first in half the rounds), at a short and a long
 context, and times the steps that took a checkpoint against the others inside each generation.
 `--control` runs both arms with failover on, to show how much the comparison scatters by itself.
+Part `standby-cost` compares decode with standbys on and off the same way (failover on in both arms).
 
     python scripts/bench_recovery.py                      # contexts 128,512,2048, 3 rounds
     python scripts/bench_recovery.py --parts cost --contexts 128,2048 --rounds 24
+    python scripts/bench_recovery.py --parts standby,standby-cost --contexts 128,512,2048 --rounds 3
     git worktree add /tmp/old REV && python scripts/bench_recovery.py --parts stalls,detection --baseline /tmp/old
 
 With `--baseline DIR` this script only drives: each round runs this checkout's bench and DIR's (its own
@@ -57,7 +62,7 @@ class Bench:
         self.model, self.threads = model, threads
         self.running = join.start_coordinator(
             model, swarm=f"bench-recovery-{os.getpid()}", host="127.0.0.1", port=0, threads=threads, n_ctx=CTX,
-            max_sessions=2, mdns_interface="off", name="coordinator")
+            max_sessions=2, mdns_interface="off", name="coordinator", standbys=False)
         self.coordinator = self.running.coordinator
         self.logs = open(os.environ.get("BENCH_NODE_LOG", os.devnull), "ab")
         self.procs: dict[str, subprocess.Popen] = {}
@@ -77,9 +82,12 @@ class Bench:
         while True:
             status = self.client.status()
             held = {n["name"]: f"{n['layers']['start']}:{n['layers']['end']}" for n in status["nodes"] if n["has_layers"]}
+            guarded = {f"{b['layers']['start']}:{b['layers']['end']}" for b in status.get("standbys", [])
+                       if b["state"] == "ready"}
             if status["state"] == "ready" and held == {f"node-{r}": r for r in NODES} and not any(
-                    n["extra_layers"] for n in status["nodes"]):
-                return  # every node back on its own range
+                    n["extra_layers"] for n in status["nodes"]) and (
+                    guarded == set(NODES) or not self.coordinator.standbys.enabled):
+                return  # every node back on its own range (and every range guarded, with standbys on)
             if time.monotonic() > deadline:
                 raise SystemExit(f"the swarm did not get ready: {status['detail']}")
             time.sleep(0.2)
@@ -156,6 +164,33 @@ class Bench:
         return {"tps": gen.result.tokens_per_s, "first_ms": gen.result.first_token_ms, "held": held,
                 "shipped": shipped, "extra": extra / total, "checkpoints": sum(c for _, c in dts)}
 
+    def set_standbys(self, on: bool) -> None:
+        """Standbys on (every range guarded, wait for it) or off (their memory given back)."""
+        if self.coordinator.standbys.enabled != on:
+            self.coordinator.standbys.enabled = on
+            self.wait_ready()
+
+    def paired(self, prompt: str, rounds: int, arm, context: int) -> tuple:
+        """Decode tokens/s with arm(True) and arm(False), alternating which goes first, on this one swarm; and
+        the CPU the standbys' forwarding took here, as a share of the "on" generations' wall time."""
+        on, off, cpu, wall = [], [], 0.0, 0.0
+        for r in range(rounds + rounds % 2):  # an even count: each arm goes first equally often
+            got = {}
+            for enabled in (True, False) if r % 2 else (False, True):
+                arm(enabled)
+                cpu0, t0 = self.coordinator.standbys.forward_cpu_s, time.monotonic()
+                got[enabled] = self.decode(prompt, 128)["tps"]
+                if enabled:
+                    cpu += self.coordinator.standbys.forward_cpu_s - cpu0
+                    wall += time.monotonic() - t0
+            on.append(got[True]), off.append(got[False])
+            print(f"context {context}, round {r}: on {got[True]:.1f} tok/s, off {got[False]:.1f} tok/s", file=sys.stderr)
+        logs = [math.log(a / b) for a, b in zip(on, off)]
+        spread = 2 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+        mean = statistics.mean(logs)
+        return (context, statistics.median(on), statistics.median(off),
+                (math.exp(mean), math.exp(mean - spread), math.exp(mean + spread)), cpu / max(wall, 1e-9))
+
     def close(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
@@ -197,6 +232,7 @@ def main() -> int:
     bench = Bench(model, threads)
     n = KILL_AT + 96  # enough steps after the signal for a leaving node's handover to land mid-generation
     rows, detect, cost = [], {"kill -9": [], "SIGSTOP": []}, []
+    standby_rows, standby_cost = [], []
     try:
         parts = set(args.parts.split(","))
         for context in contexts if "stalls" in parts else ():
@@ -221,6 +257,25 @@ def main() -> int:
                 rows.append((context, path, layers, statistics.median(r["stall_ms"] for r in runs),
                              statistics.median(r["replayed"] for r in runs), runs[-1]["detail"]))
                 print(f"context {context}: {path} of {layers}: {rows[-1][3]:.0f} ms", file=sys.stderr)
+        for context in contexts if "standby" in parts else ():
+            prompt = bench.prompt(context)
+            expected = bench.client.complete(prompt, max_tokens=n).tokens
+            for layers in NODES:
+                for on in (False, True):
+                    bench.set_standbys(on)
+                    runs = [bench.trial(prompt, n, layers, signal.SIGKILL, expected) for _ in range(args.rounds)]
+                    path = "standby" if on else "replay"
+                    if {r["path"] for r in runs} != {path}:
+                        raise SystemExit(f"expected path {path}, the swarm took {[r['path'] for r in runs]}")
+                    standby_rows.append((context, layers, on, statistics.median(r["stall_ms"] for r in runs),
+                                         max(r["stall_ms"] for r in runs),
+                                         statistics.median(r["replayed"] for r in runs), runs[-1]["detail"]))
+                    print(f"context {context}: {layers} lost, standby {'on' if on else 'off'}: "
+                          f"{standby_rows[-1][3]:.0f} ms", file=sys.stderr)
+            bench.set_standbys(False)
+        for context in (contexts[0], contexts[-1]) if "standby-cost" in parts else ():
+            standby_cost.append(bench.paired(bench.prompt(context), args.rounds, bench.set_standbys, context))
+        bench.set_standbys(False)
         prompt = bench.prompt(contexts[0])
         expected = bench.client.complete(prompt, max_tokens=n).tokens
         for _ in range(args.rounds if "detection" in parts else 0):
@@ -262,6 +317,21 @@ def main() -> int:
     for what, values in detect.items():
         if values:
             print(f"| {what} | {statistics.median(values):.0f} | {max(values):.0f} |")
+    if standby_rows:
+        print("\n| context at failure | lost range | standby | stall ms, median | slowest | positions replayed "
+              "| breakdown |")
+        print("|---|---|---|---|---|---|---|")
+        for context, layers, on, stall, worst, replayed, detail in standby_rows:
+            print(f"| {context} | {layers} | {'on' if on else 'off'} | {stall:.0f} | {worst:.0f} | {replayed:.0f} "
+                  f"| {detail} |")
+    if standby_cost:
+        print(f"\nstandbys on | off, failover on in both, {args.rounds + args.rounds % 2} rounds, each arm first in "
+              "half of them; on / off: geometric mean of the rounds' ratios (plus or minus two standard errors)")
+        print("\n| context | decode tok/s, standbys on (median) | off (median) | on / off | 95% interval "
+              "| forwarding CPU, share of one core |")
+        print("|---|---|---|---|---|---|")
+        for context, on, off, (ratio, low, high), cpu in standby_cost:
+            print(f"| {context} + 128 | {on:.1f} | {off:.1f} | {ratio:.1%} | {low:.1%}-{high:.1%} | {cpu:.1%} |")
     if not cost:
         return 0
     arms = "on, and on again (--control)" if args.control else "on | off"

@@ -16,6 +16,8 @@ from .layers import LayerRange
 # rebuilding it elsewhere replays at most about this much compute (plus the step that passes it).
 # Every hop also checkpoints with a prompt's last piece (the coordinator sees to that).
 REPLAY_BUDGET_S = 0.3
+# A range with a standby is checkpointed more often: with no load to wait for, the replay is the stall.
+STANDBY_REPLAY_BUDGET_S = 0.12
 # A node lost this many times within FLAP_WINDOW_S is kept out of plans for a while, doubling each time.
 FLAP_LOSSES = 2
 FLAP_WINDOW_S = 300.0
@@ -73,9 +75,9 @@ def backoff_s(loss_times: list[float], now: float) -> float:
     return FLAP_BACKOFF_S * 2 ** min(len(recent) - FLAP_LOSSES, 5)
 
 
-# Paths, from cheapest to dearest.
-MIGRATE, REPLAY, RECOMPUTE, NONE = "migrate", "replay", "recompute", "none"
-_COST = {MIGRATE: 0, REPLAY: 1, RECOMPUTE: 2, NONE: 3}
+# Paths, from cheapest to dearest. STANDBY: a replay on a standby, which needed no load.
+MIGRATE, STANDBY, REPLAY, RECOMPUTE, NONE = "migrate", "standby", "replay", "recompute", "none"
+_COST = {MIGRATE: 0, STANDBY: 1, REPLAY: 2, RECOMPUTE: 3, NONE: 4}
 
 
 @dataclass
@@ -102,3 +104,52 @@ class Recovery:
         self.sessions += 1
         self.stall_s = max(self.stall_s, stall_s)
         self.replayed_positions += replayed
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """A range of the route that a standby could guard."""
+
+    layers: LayerRange
+    need_bytes: int  # what a replica takes (the planner's estimate); also what a successor would load
+    holder: str  # node id of the node that serves it
+    risk: int = 0  # how unreliable the holder is: its recent losses (more: guard it first)
+    shard_id: str = ""  # its shard file
+
+
+@dataclass(frozen=True)
+class Spare:
+    """A live node that could hold standbys: its memory left after what it serves."""
+
+    node_id: str
+    free_bytes: int
+    on_route: bool  # serves a range of the route (a standby there shares its memory and cores)
+    files: frozenset[str] | None = frozenset()  # shard files it holds (None: every one, the coordinator)
+
+
+def choose_standbys(ranges: list[Guarded], spares: list[Spare], on_route_too: bool = False) -> dict[LayerRange, str]:
+    """Which node stands by for which range (range -> node id), within each node's free memory.
+
+    Only nodes off the route stand by unless `on_route_too`: keeping a standby current costs the CPU of
+    the node that holds it (an import per checkpoint), which a node on the route takes from its steps.
+
+    The ranges a loss would cost most are guarded first: an unreliable holder, then the most bytes to
+    load. Each gets a node off the route before one on it, then one that holds the shard file (no transfer),
+    then the one with the most room; never its own holder; at most one standby per range. Nothing when
+    no node has the memory."""
+    for r in ranges:
+        if r.need_bytes <= 0:
+            raise BadInputError(f"a standby of layers {r.layers} needs a positive size, got {r.need_bytes}")
+    free = {s.node_id: s.free_bytes for s in spares if on_route_too or not s.on_route}
+    off_route = {s.node_id: not s.on_route for s in spares}
+    files = {s.node_id: s.files for s in spares}
+    chosen: dict[LayerRange, str] = {}
+    for r in sorted(ranges, key=lambda r: (-r.risk, -r.need_bytes, r.layers.start)):
+        fits = [n for n, f in free.items() if n != r.holder and f >= r.need_bytes]
+        if r.layers in chosen or not fits:
+            continue
+        best = min(fits, key=lambda n: (not off_route[n], not (files[n] is None or r.shard_id in files[n]),
+                                        -free[n], n))
+        chosen[r.layers] = best
+        free[best] -= r.need_bytes
+    return chosen

@@ -143,7 +143,7 @@ def start_coordinator(
     host: str = "0.0.0.0", port: int = DEFAULT_PORT, max_memory: int = 0, pin: LayerRange | None = None,
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
     reprofile: bool = False, failover: bool = True, step_port: int | None = None, http: bool = True,
-    http_port: int | None = None,
+    http_port: int | None = None, standbys: bool = True, standbys_on_route: bool = False,
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS.
 
@@ -163,7 +163,8 @@ def start_coordinator(
             model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
             resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
             max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
-            step_address=f"{_reachable_host(host)}:{step_server.port}",
+            step_address=f"{_reachable_host(host)}:{step_server.port}", standbys=standbys,
+            standbys_on_route=standbys_on_route,
         )
         if web:
             web.serve(coordinator, key)
@@ -196,9 +197,10 @@ class RunningNode:
     def __init__(
         self, *, coordinator: str | None, swarm: str, key: str, name: str, host: str, port: int,
         max_memory: int, pin: LayerRange | None, threads: int | None, mdns_interface: str | None,
-        reprofile: bool = False, step_port: int | None = None,
+        reprofile: bool = False, step_port: int | None = None, leave_at: float | None = None,
     ):
         engine.plan_threads(threads)
+        self.leave_at = leave_at  # time.monotonic() of --leave-after's deadline (told to the coordinator)
         self.swarm, self.key, self.name = swarm, key, name
         self.pin, self.max_memory, self.threads = pin, max_memory, threads
         self.interfaces = discovery.interfaces_for(host, mdns_interface)
@@ -252,7 +254,8 @@ class RunningNode:
     def _join(self) -> None:
         welcome = self._coordinator().join(m.JoinRequest(
             name=self.name, port=self.port, step_port=self.step_port, host=self.host, pin=self.pin,
-            resources=resources(self.max_memory, self.threads, with_devices=True), version=__version__))
+            resources=resources(self.max_memory, self.threads, with_devices=True), version=__version__,
+            leave_after_s=max(0.001, self.leave_at - time.monotonic()) if self.leave_at is not None else 0.0))
         self.node_id = welcome.node_id
         self.heartbeat_s = welcome.heartbeat_s or 1.0
         named = f" as {welcome.name}" + (f" (another node is {self.name})" if welcome.name != self.name else "")

@@ -78,11 +78,12 @@ class ContextSettings:
 @dataclass(frozen=True)
 class Load:
     """Load `shard` (fetching it if needed), beside what the node holds (`extra`) or instead of it;
-    `shard` None: drop everything."""
+    `shard` None: drop everything, or only the range `drop`."""
 
     shard: ShardSpec | None
     settings: ContextSettings | None = None
     extra: bool = False
+    drop: LayerRange | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class JoinRequest:
     host: str = ""  # where peers reach the node; empty: the address the call came from
     pin: LayerRange | None = None
     version: str = ""
+    leave_after_s: float = 0.0  # --leave-after: it leaves this many seconds from now (0: no deadline)
 
 
 @dataclass(frozen=True)
@@ -383,6 +385,18 @@ class RecoveryReport:
 
 
 @dataclass(frozen=True)
+class StandbyReport:
+    """A node holding a loaded replica of a range it does not serve."""
+
+    layers: LayerRange
+    node: str  # the standby's name
+    guards: str  # the name of the node serving the range
+    nbytes: int
+    state: str  # loading, ready
+    checkpoints: int  # checkpoints it received since it was loaded
+
+
+@dataclass(frozen=True)
 class CheckpointCounts:
     full: int = 0
     deltas: int = 0
@@ -408,3 +422,4 @@ class StatusReport:
     recoveries: tuple[RecoveryReport, ...] = ()
     checkpoints: CheckpointCounts = CheckpointCounts()
     chat_template: str = ""  # how chats are rendered: "gguf (jinja)", "llama.cpp built-in NAME" or "none"
+    standbys: tuple[StandbyReport, ...] = ()

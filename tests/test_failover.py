@@ -45,8 +45,11 @@ DEAD_DETECTED_WITHIN_S = 8 * DEAD_DETECTED_S  # 0.22 s
 HUNG_DETECTED_WITHIN_S = 4 * HUNG_DETECTED_S  # 8.9 s: the 2.5 s of silence itself, plus 6 s of slack
 
 
-def _swarm(tmp, model_path, nodes=PINS, coordinator_args=(), ctx=512):
-    swarm = Swarm(tmp, model_path, list(coordinator_args), [list(n) for n in nodes], key=KEY, ctx=ctx)
+def _swarm(tmp, model_path, nodes=PINS, coordinator_args=(), ctx=512, standbys=False):
+    """A coordinator and nodes; without standbys unless asked (these tests are about successors that load
+    the lost range; tests/test_standby.py is about standbys)."""
+    args = list(coordinator_args) + ([] if standbys else ["--no-standbys"])
+    swarm = Swarm(tmp, model_path, args, [list(n) for n in nodes], key=KEY, ctx=ctx)
     try:
         swarm.wait_ready()
     except BaseException:

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="measure this node's compute again instead of using its cached profile")
     join.add_argument("--no-failover", action="store_true",
                       help="coordinator: keep no states for recovery; a node that fails ends its sessions")
+    join.add_argument("--no-standbys", action="store_true",
+                      help="coordinator: no node holds a loaded replica of a range it does not serve (standbys use "
+                           "spare memory so that a lost range needs no load)")
+    join.add_argument("--standbys-on-route", action="store_true",
+                      help="coordinator: nodes that serve a range may stand by for another too (faster recovery "
+                           "where no node is spare, at the cost of the imports on their cores: 4-10%% of decode "
+                           "speed measured on one 2-core machine); by default only nodes off the route do")
     join.add_argument("--leave-after", default=None, metavar="DURATION",
                       help="leave gracefully after this long, e.g. 11h30m for a notebook session (nodes)")
     add_http(join, "coordinator; default: --port + 80, so 7780")

@@ -70,6 +70,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
             reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
             http=not args.no_http, http_port=args.http_port,
+            standbys=not args.no_standbys, standbys_on_route=args.standbys_on_route,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
@@ -89,15 +90,15 @@ def cmd_join(args: argparse.Namespace) -> int:
     key = key or local_key(args.swarm)
     if not key:
         raise BadInputError("a node needs the swarm key: pass --key KEY (the coordinator printed it) or set SWARM_KEY")
+    leave_at = time.monotonic() + leave_after_s if leave_after_s else None
     node = join.start_node(
         coordinator=args.coordinator, swarm=args.swarm, key=key, name=name, host=args.host,
         port=args.port or 0, max_memory=max_memory, pin=pin, threads=args.threads, mdns_interface=args.mdns_interface,
-        reprofile=args.reprofile, step_port=args.step_port,
+        reprofile=args.reprofile, step_port=args.step_port, leave_at=leave_at,
     )
     print(f"node {name} serving on port {node.port} (steps on {node.step_port}); looking for the coordinator of "
           f"swarm {args.swarm!r}" + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)
     sys.stderr.flush()
-    leave_at = time.monotonic() + leave_after_s if leave_after_s else None
     while not stop.wait(0.5):
         if node.wait(0):
             node.stop()

@@ -95,6 +95,10 @@ def show(console: Console, status: dict, rates: dict[str, float] | None = None) 
             f"{r['sessions']} session(s), stall {r['stall_ms']:.0f} ms, successor {r['successor'] or '-'}"
             + (f", {r['replayed_positions']} positions replayed" if r["replayed_positions"] else "")
             + (f"; {r['detail']}" if r.get("detail") else ""), soft_wrap=True)
+    for b in status.get("standbys", []):
+        console.print(f"standby: {b['node']} holds layers {_span(b['layers'])} for {b['guards']} "
+                      f"({b['state']}, {int(b['bytes']) >> 20} MB, {int(b['checkpoints'])} checkpoints received)",
+                      soft_wrap=True)
     c = {k: int(v) for k, v in (status.get("checkpoints") or {}).items()}
     if c.get("full") or c.get("deltas"):
         console.print(f"KV checkpoints: {c.get('full', 0)} full ({c.get('full_bytes', 0) / 1e6:.1f} MB), "

@@ -88,10 +88,12 @@ class CheckpointDesk:
     """Takes the checkpoints nodes hand in: checks each against its session and keeps it there.
 
     `find(session_id)` gives the running session (`sessions.Session`) or None; `shard_id(layers)` the
-    shard file cut for a range."""
+    shard file cut for a range; `on_kept(session, layers, checkpoint)` hears of each one kept (standbys)."""
 
-    def __init__(self, find: Callable, shard_id: Callable[[LayerRange], str | None], n_batch: int):
+    def __init__(self, find: Callable, shard_id: Callable[[LayerRange], str | None], n_batch: int,
+                 on_kept: Callable | None = None):
         self._find, self._shard_id, self._n_batch = find, shard_id, n_batch
+        self._on_kept = on_kept
         self._lock = threading.Lock()
         self._counts = {k: 0 for k in ("full", "deltas", "full_bytes", "delta_bytes", "refused")}
 
@@ -136,4 +138,6 @@ class CheckpointDesk:
             full = new.state()
             new = Checkpoint(positions, kv_header(full)["lineage"], full)
         held.keep(layers, new, session.kept_from(layers))
+        if self._on_kept is not None:
+            self._on_kept(session, layers, new)
         return True

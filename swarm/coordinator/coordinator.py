@@ -9,7 +9,7 @@ Each concept lives in a room of this package (docs/architecture.md has the map):
     stepping.py     one step along a route                 checkpoints.py the KV checkpoints kept for recovery
     recovery.py     carrying a session over a failure      succession.py  who takes a lost range; the record
     migration.py    a node that leaves on purpose          peers.py       reaching each node
-    status.py       what `swarm status` shows
+    standbys.py     replicas that take a lost range over   status.py      what `swarm status` shows
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from .planning import Placement
 from .recovery import Recovery
 from .sessions import Sessions
 from .shardfiles import ShardFiles
+from .standbys import Standbys
 from .stepping import Stepper
 from .succession import RecoveryLog, Succession
 
@@ -67,6 +68,7 @@ class Coordinator:
         reprofile: bool = False,
         failover: bool = True,
         step_address: str = "",
+        standbys: bool = True, standbys_on_route: bool = False,
     ):
         self.model_path = Path(model_path)
         self.swarm = swarm
@@ -88,19 +90,23 @@ class Coordinator:
                                  self.peers, reprofile)
         self.sessions = Sessions(max_sessions, lambda: self.placement.poke())
         self.placement = Placement(self.members, self.measurer, self.files, self.peers, settings, self.sessions.busy,
-                                   lambda: self.succession.clear())
-        self.succession = Succession(self.members, self.placement, self.measurer, self.files, self.peers)
-        self.stepper = Stepper(self.peers, failover, replay_budget_from_env())
+                                   self._new_route)
+        self.standbys = Standbys(self.members, self.placement, self.measurer, self.files, self.peers,
+                                 self.sessions.get, enabled=standbys and failover, on_route_too=standbys_on_route)
+        self.succession = Succession(self.members, self.placement, self.measurer, self.files, self.peers,
+                                     self.standbys)
+        self.stepper = Stepper(self.peers, failover, replay_budget_from_env(), lambda: self.standbys.guarded())
         self.recoveries = RecoveryLog()
         self.recovery = Recovery(self.members, self.placement, self.succession, self.recoveries, self.peers,
-                                 self.stepper, settings.n_batch)
+                                 self.stepper, settings.n_batch, self.standbys)
         self.migration = Migration(self.members, self.placement, self.sessions, self.succession, self.recoveries,
                                    self.peers, self.stepper, self.recovery)
-        self.desk = CheckpointDesk(self.sessions.get, self.files.shard_id, settings.n_batch)
+        self.desk = CheckpointDesk(self.sessions.get, self.files.shard_id, settings.n_batch, self.standbys.offer)
         self.generation = Generation(self.tokenizer, settings, default_max_tokens, self.placement, self.sessions,
                                      self.stepper, self.recovery, self.migration, self.recoveries, self.measurer,
                                      self.members)
         self._stop = threading.Event()
+        self.standbys.start()
         self.placement.start()
         threading.Thread(target=self._watch_loop, name="heartbeats", daemon=True).start()
 
@@ -135,12 +141,18 @@ class Coordinator:
 
     def status(self) -> m.StatusReport:
         return status.report(self.swarm, self.model_path.name, self.n_layer, self.members, self.measurer,
-                             self.placement, self.sessions, self.recoveries, self.desk, self.tokenizer.chat_format)
+                             self.placement, self.sessions, self.recoveries, self.desk, self.standbys,
+                             self.tokenizer.chat_format)
 
     def wait_ready(self, timeout: float):
         return self.placement.wait_ready(timeout)
 
     # ------------------------------------------------------------ losses
+
+    def _new_route(self) -> None:
+        """A plan was loaded: the successors of earlier losses are part of it or gone, and so are the standbys."""
+        self.succession.clear()
+        self.standbys.replanned()
 
     @staticmethod
     def _hop_of(x: Member) -> RouteHop:
@@ -150,6 +162,7 @@ class Coordinator:
         """A member was removed (lost, left, restarted): stop what ran through it, plan around it."""
         self.peers.forget(x)
         self.measurer.forget(x.node_id)
+        self.standbys.forget(x.node_id)
         held = self.placement.forget(x.node_id).hosted()
         log.log(logging.INFO if why in ("left", "restarted") else logging.WARNING, "node %s (%s) %s%s", x.name,
                 x.address, why, f"; it held layers {', '.join(map(str, held))}" if held else "")
@@ -185,6 +198,7 @@ class Coordinator:
 
     def close(self) -> None:
         self._stop.set()
+        self.standbys.stop()
         self.placement.stop()
         self.peers.close()
         self.local.close()

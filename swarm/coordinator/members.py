@@ -44,6 +44,7 @@ class Member:
     state: str = "joining"  # joining, loading, ready, idle, failed, backoff, leaving
     detail: str = ""
     excluded_until: float = 0.0  # failed to be measured or to load: left out of plans until then
+    leaves_at: float = 0.0  # time.monotonic() of its --leave-after deadline (0: none)
 
     def __post_init__(self) -> None:
         # Plan with what the node had free when it joined: once it holds a shard, its free memory
@@ -104,6 +105,15 @@ class Membership:
         x = self.known(node_id)
         return x.name if x is not None else node_id
 
+    def risk(self, node_id: str, address: str, now: float | None = None) -> int:
+        """How unreliable a node is: its losses within the flapping window, plus one for a --leave-after
+        deadline."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            x = self._members.get(node_id)
+            lost = sum(1 for t in self._losses.get(address, ()) if now - t <= failover.FLAP_WINDOW_S)
+            return lost + (1 if x is not None and x.leaves_at else 0)
+
     def known(self, node_id: str) -> Member | None:
         """A member, or one removed lately (errors and records still name it as it joined)."""
         with self._lock:
@@ -138,6 +148,8 @@ class Membership:
                     )
             member = Member(f"n{next(self._ids)}.{self._mark}", self._unique(request.name.strip()), address, steps,
                             request.resources, pin)
+            if request.leave_after_s > 0:
+                member.leaves_at = time.monotonic() + request.leave_after_s
             wait = failover.backoff_s(self._losses.get(address, []), time.monotonic())
             if wait:  # it keeps dropping out: plan without it for a while, longer each time
                 member.excluded_until = time.monotonic() + wait
@@ -238,3 +250,5 @@ def check_join(request: m.JoinRequest, n_layer: int) -> None:
                             "sends none: upgrade it)")
     if request.pin is not None:
         request.pin.check_within(n_layer)
+    if not 0 <= request.leave_after_s < 1e9:  # (NaN fails this too)
+        raise BadInputError(f"a node's --leave-after is 0 or more seconds, got {request.leave_after_s}")

@@ -20,6 +20,7 @@ from .members import HEARTBEAT_S, Membership
 from .peers import Peers, RouteHop
 from .planning import Placement
 from .sessions import Session
+from .standbys import Standbys
 from .stepping import Stepper
 from .succession import RecoveryLog, Succession
 
@@ -32,8 +33,9 @@ class Recovery:
     """Recovers sessions; each call runs on the session's own thread."""
 
     def __init__(self, members: Membership, placement: Placement, succession: Succession, log_: RecoveryLog,
-                 peers: Peers, stepper: Stepper, n_batch: int):
+                 peers: Peers, stepper: Stepper, n_batch: int, standbys: Standbys):
         self._members, self._placement, self._succession, self._log = members, placement, succession, log_
+        self._standbys = standbys
         self._peers, self._stepper, self._n_batch = peers, stepper, n_batch
         self.recompute_only = False  # benchmarks: rebuild from the tokens even when kept states would do
 
@@ -68,7 +70,9 @@ class Recovery:
             record = self._log.of(dead[[h.layers for h in dead].index(new.layers)].node_id)
             if record is not None and record not in records:
                 record.successor = record.successor or new.node_id
-                record.detail = record.detail or (f"successor ready after {1e3 * (ready - detected):.0f} ms, "
+                ready_as = ("standby ready (no load)" if self._standbys.was_standby(new.node_id, new.layers)
+                            else "successor ready")
+                record.detail = record.detail or (f"{ready_as} after {1e3 * (ready - detected):.0f} ms, "
                                                   f"rebuilt in {1e3 * (rebuilt - ready):.0f} ms")
                 records.append(record)
         log.info("session %s carried over at position %d by %s (%d positions replayed)", session.sid, start, path,
@@ -104,7 +108,8 @@ class Recovery:
             return [h for h, d in zip(remote, pool.map(down, remote)) if d]
 
     def rebuild(self, session: Session, start: int, replaced: dict[int, RouteHop]) -> tuple[str, int]:
-        """Bring the replaced hops of a session to `start` positions; ('replay' or 'recompute', positions run)."""
+        """Bring the replaced hops of a session to `start` positions; ('standby', 'replay' or 'recompute',
+        positions run)."""
         route = session.route
         try:
             if self.recompute_only:
@@ -115,13 +120,20 @@ class Recovery:
             base = {i: session.checkpoints.newest(route[i].layers, start) for i in replaced}
             replayed = 0
             for i in sorted(replaced):
-                hop, at, blob = route[i], base[i].positions, base[i].state()
+                hop, at = route[i], base[i].positions
+                warm = at > 0 and self._standbys.holds(hop.node_id, hop.layers, session.sid) == (at, base[i].lineage)
                 nxt = route[i + 1].layers if i + 1 < len(route) else None
                 # What the new hop keeps for the next one: from that one's checkpoint (or rebuild point) on.
                 keep = base[i + 1].positions if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
-                self._stepper.open(session, hop, history=session.tokens[:at])
                 peer = self._peers.of(hop)
-                peer.import_state(m.ImportState(session.sid, hop.layers, keep, session.epoch), blob)
+                if warm:  # a standby imported this very checkpoint when it was taken: only the attempt moves on
+                    log.info("session %s: the standby of layers %s holds its checkpoint at %d positions", session.sid,
+                             hop.layers, at)
+                    peer.rewind(m.Rewind(session.sid, hop.layers, at, session.epoch))
+                else:
+                    self._stepper.open(session, hop, history=session.tokens[:at])
+                    peer.import_state(m.ImportState(session.sid, hop.layers, keep, session.epoch),
+                                      base[i].state())
                 if i == 0:
                     for b_start, b_tokens in self.batches(session, at, start):
                         peer.replay(m.Step(session.sid, b_start, tuple(b_tokens), hop.layers, replay=True,
@@ -131,7 +143,8 @@ class Recovery:
                     self._peers.of(up).resend(m.Resend(session.sid, up.layers, at, start,
                                                        m.Hop(hop.address, hop.layers, keep_from=keep), session.epoch))
                 replayed += start - at
-            path = failover.REPLAY
+            path = failover.STANDBY if all(self._standbys.was_standby(h.node_id, h.layers)
+                                           for h in replaced.values()) else failover.REPLAY
         except (KVStateError, BadInputError) as e:
             # What was kept does not reach back far enough: run the session's tokens through again.
             log.warning("session %s: rebuilding from kept states failed (%s); recomputing from its tokens",

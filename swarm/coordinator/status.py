@@ -1,4 +1,5 @@
-"""What `swarm status` shows: the nodes with their measurements and layers, the sessions, the recoveries."""
+"""What `swarm status` shows: the nodes with their measurements and layers, the sessions, the recoveries,
+the standbys."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from .measuring import Measurer
 from .members import Membership
 from .planning import Placement
 from .sessions import Sessions
+from .standbys import Standbys
 from .succession import RecoveryLog
 
 
 def report(swarm: str, model_name: str, n_layer: int, members: Membership, measurer: Measurer,
            placement: Placement, sessions: Sessions, recoveries: RecoveryLog, desk: CheckpointDesk,
-           chat_template: str = "") -> m.StatusReport:
+           standbys: Standbys, chat_template: str = "") -> m.StatusReport:
     """The swarm's state now, read from each room."""
     now = time.monotonic()
     nodes = []
@@ -34,5 +36,6 @@ def report(swarm: str, model_name: str, n_layer: int, members: Membership, measu
         swarm=swarm, model_name=model_name, n_layer=n_layer, state=state, detail=detail, n_ctx=s.n_ctx,
         max_sessions=s.max_sessions, nodes=tuple(nodes), sessions=tuple(x.report(now) for x in sessions.all()),
         predicted_decode_tps=predicted, measured_decode_tps=measured, measured_sessions=n_measured,
-        recoveries=recoveries.reports(members.name_of), checkpoints=desk.counts(), chat_template=chat_template,
+        recoveries=recoveries.reports(members.name_of), checkpoints=desk.counts(), standbys=standbys.reports(),
+        chat_template=chat_template,
     )

@@ -9,6 +9,7 @@ reply says how long every hop computed, which decides when the next checkpoint i
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from .. import failover
 from .. import messages as m
@@ -46,10 +47,12 @@ class Stepper:
     """Builds, sends and accounts for the steps of sessions; `failover` says whether hops keep what a
     recovery needs, `replay_budget_s` how much compute a hop may run between checkpoints."""
 
-    def __init__(self, peers: Peers, failover_enabled: bool, replay_budget_s: float):
+    def __init__(self, peers: Peers, failover_enabled: bool, replay_budget_s: float,
+                 guarded: Callable[[], frozenset] = frozenset):
         self.peers = peers
         self.failover_enabled = failover_enabled
         self.replay_budget_s = replay_budget_s
+        self._guarded = guarded  # the ranges a standby stands by for (checkpointed more often)
 
     def message(self, session: Session, tokens: list[int], start: int, sample: bool) -> m.Step:
         """The step: the route, which hops checkpoint, and what each keeps for the next hop."""
@@ -90,8 +93,11 @@ class Stepper:
             layers = timing.layers
             # A hop asked for a checkpoint exported it after this step's compute: nothing to replay since.
             session.since[layers] = 0.0 if layers in asked else session.since.get(layers, 0.0) + timing.compute_ms / 1e3
+        guarded = self._guarded()
+        standby_budget = min(self.replay_budget_s, failover.STANDBY_REPLAY_BUDGET_S)
         due = [h.layers for h in session.route if self.failover_enabled and not h.is_self
-               and failover.should_checkpoint(session.since.get(h.layers, 0.0), self.replay_budget_s)]
+               and failover.should_checkpoint(session.since.get(h.layers, 0.0),
+                                              standby_budget if h.layers in guarded else self.replay_budget_s)]
         if due:
             session.ask_checkpoint(*due)
 

@@ -8,6 +8,7 @@ on purpose gets its successors first, and its sessions move to them between two 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from .members import Member, Membership
 from .peers import Peers, RouteHop
 from .planning import Placement, Route
 from .shardfiles import ShardFiles
+from .standbys import Standbys
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,10 @@ class Succession:
     same node's memory)."""
 
     def __init__(self, members: Membership, placement: Placement, measurer: Measurer, files: ShardFiles,
-                 peers: Peers):
+                 peers: Peers, standbys: Standbys):
         self._members, self._placement, self._measurer, self._files, self._peers = (
             members, placement, measurer, files, peers)
+        self._standbys = standbys
         self._decide = threading.Lock()
         self._lock = threading.Lock()
         self._replacements: dict[tuple[str, LayerRange], RouteHop] = {}  # (lost node, range) -> successor
@@ -121,7 +124,15 @@ class Succession:
             self._leaving.pop(node_id, None)
 
     def _take_over(self, gone: Member, layers: LayerRange, route: Route = ()) -> RouteHop:
-        """Load `layers` on the best live node beside what it holds; raises PeerError when none can."""
+        """The range's standby, which needs no load, or else load `layers` on the best live node beside what
+        it holds; raises PeerError when none can."""
+        sb = self._standbys.take(layers)
+        x = self._members.get(sb.node_id) if sb is not None else None
+        if x is not None:
+            self._placement.took_over(x.node_id, layers, sb.shard_id)
+            self._members.mark(x.node_id, "ready")
+            log.info("node %s takes layers %s over from %s: it stood by (no load)", x.name, layers, gone.name)
+            return RouteHop(x.node_id, x.address, layers, x.is_self, x.steps)
         fp, s = self._measurer.footprint, self._placement.settings
         need = fp.shard_bytes(layers, s.n_ctx, s.max_sessions, s.n_batch)
         spec = self._files.spec(layers)
@@ -134,18 +145,24 @@ class Succession:
                     if x.node_id not in tried and x.node_id not in leaving and x.excluded_until <= now
                     and x.state not in ("failed", "leaving")
                     and (x.is_self or self._measurer.probed(x.node_id) is not None)}
-            candidates = []
+            candidates, standing = [], {}
             for x in pool.values():
                 held = self._placement.holding(x.node_id)
+                standing[x.node_id] = self._standbys.bytes_on(x.node_id)
                 candidates.append(failover.Candidate(
                     node_id=x.node_id, name=x.name,
                     free_bytes=x.usable_memory() - sum(fp.shard_bytes(r, s.n_ctx, s.max_sessions, s.n_batch)
-                                                       for r in held.hosted()),
+                                                       for r in held.hosted()) - standing[x.node_id],
                     has_file=x.is_self or spec.shard_id in held.files,
                     step_s=self._measurer.step_seconds(x.node_id, need),
                     serves_route=x.node_id in on_route,
                 ))
             choice = failover.choose_successor(need, candidates)
+            if choice is None:  # standbys give their memory back to a successor that needs it
+                choice = failover.choose_successor(need, [dataclasses.replace(
+                    c, free_bytes=c.free_bytes + standing[c.node_id]) for c in candidates])
+                if choice is not None:
+                    self._standbys.give_back(choice.node_id)
             if choice is None:
                 raise CapacityError(
                     f"node {gone.name} ({gone.address}) is gone and no live node has {need >> 20} MB free for its "

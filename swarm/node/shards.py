@@ -109,10 +109,13 @@ class Shelf:
         return fetch_shard(self._fetcher(), spec, self._dir or cache.subdir("shards"), progress=self._progress)
 
     def load(self, order: m.Load) -> m.Loaded:
-        """Load the shard of `order` beside the others (`extra`) or instead of them; or drop every shard."""
+        """Load the shard of `order` beside the others (`extra`) or instead of them; or drop every shard, or
+        only `order.drop`."""
         with self.lock:
             if order.shard is None:
-                self.unload()
+                if order.drop is not None and order.drop not in self._shards:
+                    return m.Loaded()  # (a standby dropped before: nothing to give back)
+                self.unload(order.drop)
                 return m.Loaded()
             spec, s = order.shard, order.settings
             if not (0 < s.n_ctx <= _MAX_N_CTX and 0 < s.max_sessions <= _MAX_SESSIONS and 0 < s.n_batch <= s.n_ctx):
@@ -120,8 +123,10 @@ class Shelf:
                                     f"n_batch={s.n_batch}")
             layers = spec.layers
             current = self._shards.get(layers)
-            if current is not None and (current.spec_id, current.settings) == (spec.shard_id, s) and (
-                    order.extra or len(self._shards) == 1):
+            if current is not None and (current.spec_id, current.settings) == (spec.shard_id, s):
+                if not order.extra:  # the range stays loaded; ranges taken over and standbys go
+                    for other in [r for r in self._shards if r != layers]:
+                        self.unload(other)
                 return m.Loaded()
             for other in self._shards:
                 if other != layers and other.start < layers.end and layers.start < other.end and order.extra:

@@ -91,7 +91,10 @@ def chunk_of(c: pb.ShardChunk) -> m.ShardChunk:
 
 def load_pb(order: m.Load) -> pb.AssignRequest:
     if order.shard is None:
-        return pb.AssignRequest(has_shard=False)
+        out = pb.AssignRequest(has_shard=False)
+        if order.drop is not None:
+            out.drop.CopyFrom(span(order.drop))
+        return out
     s = order.settings
     return pb.AssignRequest(has_shard=True, extra=order.extra, shard=shard_spec_pb(order.shard), n_ctx=s.n_ctx,
                             max_sessions=s.max_sessions, n_batch=s.n_batch)
@@ -99,7 +102,7 @@ def load_pb(order: m.Load) -> pb.AssignRequest:
 
 def load_of(r: pb.AssignRequest) -> m.Load:
     if not r.has_shard:
-        return m.Load(None)
+        return m.Load(None, drop=layers_of(r.drop) if r.HasField("drop") else None)
     return m.Load(shard_spec_of(r.shard), m.ContextSettings(int(r.n_ctx), int(r.max_sessions), int(r.n_batch)),
                   bool(r.extra))
 
@@ -129,7 +132,8 @@ def probe_result_of(r: pb.ProbeReply) -> m.ProbeResult:
 
 def join_pb(j: m.JoinRequest) -> pb.JoinRequest:
     out = pb.JoinRequest(name=j.name, host=j.host, port=j.port, step_port=j.step_port,
-                         resources=resources_pb(j.resources), has_pin=j.pin is not None, version=j.version)
+                         resources=resources_pb(j.resources), has_pin=j.pin is not None, version=j.version,
+                         leave_after_s=j.leave_after_s)
     if j.pin is not None:
         out.pin.CopyFrom(span(j.pin))
     return out
@@ -138,7 +142,8 @@ def join_pb(j: m.JoinRequest) -> pb.JoinRequest:
 def join_of(r: pb.JoinRequest) -> m.JoinRequest:
     return m.JoinRequest(name=r.name, port=int(r.port), step_port=int(r.step_port),
                          resources=resources_of(r.resources), host=r.host,
-                         pin=layers_of(r.pin) if r.has_pin else None, version=r.version)
+                         pin=layers_of(r.pin) if r.has_pin else None, version=r.version,
+                         leave_after_s=float(r.leave_after_s))
 
 
 # ---------------------------------------------------------------- a pipeline step

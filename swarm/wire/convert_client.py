@@ -95,6 +95,9 @@ def status_pb(s: m.StatusReport) -> pb.StatusReply:
             replayed_positions=r.replayed_positions, detail=r.detail)
         if r.layers is not None:
             rec.layers.CopyFrom(span(r.layers))
+    for b in s.standbys:
+        reply.standbys.add(layers=span(b.layers), node=b.node, guards=b.guards, bytes=b.nbytes, state=b.state,
+                           checkpoints=b.checkpoints)
     return reply
 
 
