@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The web page test drives the distribution's headless Chromium (CI runs as root on a fresh Debian machine).
 command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-    || (apt-get update && apt-get install -y chromium chromium-driver)
+    || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
 python3 -m pytest "$@"
