@@ -528,7 +528,9 @@ def test_a_cut_link_between_network_namespaces(tmp_path, model_path, reference):
         assert result["tokens"] == expected
         (r,) = result["status"]["recoveries"]
         assert r["node"] == "node1" and r["detection"].startswith("missed heartbeats"), r
-        assert r["path"] == "replay" and r["successor"] == "coord"
+        # The coordinator hosts no layers: it stands by for a range (the largest) and takes 6:12 over
+        # with or without a standby of it.
+        assert r["path"] in ("replay", "standby") and r["successor"] == "coord", r
         assert r["at_unix"] - cut_time <= HUNG_DETECTED_WITHIN_S, (r["at_unix"] - cut_time, r)
     finally:
         for p in procs:

@@ -133,7 +133,6 @@ def test_the_page_chats_shows_the_swarm_and_a_recovery_as_it_happens(page_swarm,
     assert len(_answers(browser)[0].text) > before
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error"), browser.find_element(By.ID, "messages").text
     time.sleep(1.2)  # one more poll: the node map after the recovery
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(Path(SCREENSHOT).resolve() if SCREENSHOT else tmp_path / "web-page.png"))
 
     # `swarm status` in the terminal shows what the page shows: the route, each node, the recovery.
