@@ -24,6 +24,16 @@ def smollm2_path() -> Path:
     return packaged()
 
 
+def running_swarm(tmp: Path):
+    """A ready HttpSwarm on SmolLM2 in `tmp`, closed when the generator is (for module fixtures)."""
+    swarm = HttpSwarm(tmp, smollm2_path())
+    try:
+        swarm.wait_ready()
+        yield swarm
+    finally:
+        swarm.close()
+
+
 class HttpSwarm(Swarm):
     """Coordinator 0:10, nodes 10:20 and 20:30, the HTTP API on a free port; `url` is its base."""
 

@@ -14,7 +14,7 @@ import uuid
 import openai
 import pytest
 
-from http_swarm import KEY, HttpSwarm, call, smollm2_path
+from http_swarm import KEY, call, running_swarm, smollm2_path
 from procs import Proc, free_port
 from swarm.client import SwarmClient
 from swarm.errors import SwarmError
@@ -25,12 +25,7 @@ N = 40
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    swarm = HttpSwarm(tmp_path_factory.mktemp("http"), smollm2_path())
-    try:
-        swarm.wait_ready()
-        yield swarm
-    finally:
-        swarm.close()
+    yield from running_swarm(tmp_path_factory.mktemp("http"))
 
 
 @pytest.fixture(scope="module")

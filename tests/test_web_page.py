@@ -21,7 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from http_swarm import KEY, HttpSwarm, call, smollm2_path
+from http_swarm import KEY, call, running_swarm
 
 SCREENSHOT = os.environ.get("SWARM_SCREENSHOT")
 
@@ -37,12 +37,7 @@ def _chromium() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def page_swarm(tmp_path_factory):
-    swarm = HttpSwarm(tmp_path_factory.mktemp("web"), smollm2_path())
-    try:
-        swarm.wait_ready()
-        yield swarm
-    finally:
-        swarm.close()
+    yield from running_swarm(tmp_path_factory.mktemp("web"))
 
 
 @pytest.fixture(scope="module")
