@@ -81,15 +81,15 @@ class SwarmClient:
         self, coordinator: str | None = None, *, key: str | None = None, swarm: str = "default",
         mdns_interface: str | None = None, discovery_timeout: float = 5.0,
     ):
-        if coordinator is None:
-            interfaces = discovery.interfaces_for("0.0.0.0", mdns_interface)
-            coordinator = discovery.find_coordinator(swarm, interfaces, timeout=discovery_timeout).address
-        self.address = wire.check_address(coordinator)
         key = key or os.environ.get("SWARM_KEY") or local_key(swarm)
         if not key:
             raise AuthError(
                 "no swarm key: pass key=... (or --key), or set SWARM_KEY; the coordinator printed it when it started"
             )
+        if coordinator is None:  # found by mDNS, and proven by its TLS handshake
+            interfaces = discovery.interfaces_for("0.0.0.0", mdns_interface)
+            coordinator = wire.tls.find_coordinator(swarm, interfaces, key, timeout=discovery_timeout)
+        self.address = wire.check_address(coordinator)
         self._link = wire.CoordinatorLink(self.address, key)
 
     # ------------------------------------------------------------ generation

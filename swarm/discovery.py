@@ -249,8 +249,12 @@ def _pick_host(addresses: list[str], interfaces: list[str] | None) -> str:
     return (non_loopback or addresses)[0]
 
 
-def find_coordinator(swarm: str, interfaces: list[str] | None, timeout: float = 5.0) -> Found:
-    """Browse for a coordinator advertising `swarm`; the first one found wins; DiscoveryError after timeout with a message telling the user to pass --coordinator HOST:PORT (mDNS does not cross subnets or tunnels) and naming any other swarms seen."""
+def find_coordinator(swarm: str, interfaces: list[str] | None, timeout: float = 5.0,
+                     exclude: frozenset[str] = frozenset()) -> Found:
+    """Browse for a coordinator advertising `swarm`; the first one found wins; DiscoveryError after timeout with a message telling the user to pass --coordinator HOST:PORT (mDNS does not cross subnets or tunnels) and naming any other swarms seen.
+
+    Anyone can answer for a swarm's name: the caller proves the coordinator by its TLS handshake, and
+    passes the HOST:PORT of any that failed as `exclude`."""
     _check_swarm(swarm)
     interfaces = _check_interfaces(interfaces)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -294,6 +298,9 @@ def find_coordinator(swarm: str, interfaces: list[str] | None, timeout: float = 
                 continue
             label = name[: -len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else name
             found = Found(swarm=swarm, host=_pick_host(addresses, interfaces), port=info.port, name=label)
+            if found.address in exclude:
+                log.debug("mDNS service %s at %s failed to prove the swarm key before; skipped", name, found.address)
+                continue
             log.info("found coordinator of swarm %r at %s (%s, version %s)", swarm, found.address, label,
                      props.get("version"))
             return found

@@ -144,11 +144,13 @@ def start_coordinator(
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
     reprofile: bool = False, failover: bool = True, step_port: int | None = None, http: bool = True,
     http_port: int | None = None, standbys: bool = True, standbys_on_route: bool = False,
+    http_host: str = "127.0.0.1",
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS.
 
-    With `http` the OpenAI-compatible API and the web page listen on `http_port`; None: --port + 80
-    (7780 by default), or any free port when --port is 0.
+    With `http` the OpenAI-compatible API and the web page listen on `http_host`:`http_port` (plain HTTP,
+    so this machine only unless asked); port None: --port + 80 (7780 by default), or any free port when
+    --port is 0.
     """
     engine.plan_threads(threads)
     key = key or wire.new_key()
@@ -158,7 +160,7 @@ def start_coordinator(
     try:
         step_server = _step_server(host, bound if port else 0, step_port, key)
         if http:  # bound before the model loads: a port in use is refused at once
-            web = HttpServer(host, http_port if http_port is not None else (bound + HTTP_PORT_OFFSET if port else 0))
+            web = HttpServer(http_host, http_port if http_port is not None else (bound + HTTP_PORT_OFFSET if port else 0))
         coordinator = Coordinator(
             model_path, swarm=swarm, key=key, name=name or socket.gethostname(), address=address,
             resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
@@ -207,6 +209,7 @@ class RunningNode:
         self._fixed_coordinator = wire.check_address(coordinator) if coordinator else None
         self.coordinator_address: str | None = self._fixed_coordinator
         self._link: wire.CoordinatorLink | None = None
+        self._impostors: set[str] = set()  # found by mDNS, could not prove the key
         self._peers = wire.NodeRegistry(key)
         self.service = Node(self._peers, fetcher=self._fetcher, threads=threads, reprofile=reprofile,
                             checkpoint_sink=self._store_checkpoint)
@@ -238,9 +241,8 @@ class RunningNode:
     def _coordinator(self) -> wire.CoordinatorLink:
         if self._link is None:
             if self.coordinator_address is None:
-                found = discovery.find_coordinator(self.swarm, self.interfaces, timeout=5.0)
-                self.coordinator_address = found.address
-                log.info("found the coordinator of swarm %r at %s by mDNS", self.swarm, found.address)
+                self.coordinator_address = wire.tls.find_coordinator(self.swarm, self.interfaces, self.key,
+                                                                     impostors=self._impostors)
             self._link = wire.CoordinatorLink(self.coordinator_address, self.key)
         return self._link
 

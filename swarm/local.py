@@ -59,7 +59,8 @@ class LocalSwarm:
 
     def __init__(self, model: Path, nodes: int = 3, threads: int | None = None, ctx: int = 2048,
                  max_sessions: int = 4, ready_timeout: float = 300.0, node_env: dict | None = None,
-                 node_args: list[list[str]] | None = None, max_memory: int = 0, http_port: int | None = 0):
+                 node_args: list[list[str]] | None = None, max_memory: int = 0, http_port: int | None = 0,
+                 http_host: str = "127.0.0.1"):
         if node_args is None:
             ranges = split_evenly(model_layer_count(read_gguf(model)), nodes)
             pin, node_args = ranges[0], [["--layers", str(r)] for r in ranges[1:]]
@@ -70,7 +71,7 @@ class LocalSwarm:
         self.running = join.start_coordinator(
             model, swarm=f"local-{os.getpid()}", host="127.0.0.1", port=0, pin=pin, threads=threads,
             n_ctx=ctx, max_sessions=max_sessions, mdns_interface="off", name="coordinator", max_memory=max_memory,
-            http=http_port is not None, http_port=http_port,
+            http=http_port is not None, http_port=http_port, http_host=http_host,
         )
         try:
             for i, extra in enumerate(node_args, start=1):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from procs import Swarm, free_port
 
-KEY = "http-test-key-7"
+KEY = "http-test-key-7-of-the-tests"
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -41,7 +41,7 @@ class Swarm:
     """A coordinator process and node processes; `client` talks to the coordinator."""
 
     def __init__(self, tmp: Path, model: Path, coordinator_args: list[str], nodes: list[list[str]],
-                 key: str = "test-key-123", coordinator_env: dict | None = None, ctx: int = 512,
+                 key: str = "test-key-123-swarm-tests", coordinator_env: dict | None = None, ctx: int = 512,
                  via_mdns: str | None = None):
         self.tmp, self.key = tmp, key
         self.started = time.monotonic()

@@ -24,7 +24,7 @@ from swarm.errors import BadInputError, UnsupportedModelError
 from swarm.gguf_file import read_gguf
 from swarm.models import resolve_model, smollm2_path
 
-KEY = "test-key-chat"
+KEY = "test-key-chat-templates"
 SMOL_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}

@@ -13,7 +13,7 @@ import time
 from conftest import N_TOKENS, PROMPTS
 from procs import Proc, Swarm
 
-KEY = "rooms-key"
+KEY = "rooms-key-of-the-tests"
 
 
 def test_the_coordinators_own_node_uses_the_model_file_in_place(tmp_path, model_path, reference):

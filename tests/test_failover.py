@@ -29,7 +29,7 @@ from swarm.client import SwarmClient
 from swarm.errors import PeerError
 
 N = 128
-KEY = "failover-key"
+KEY = "failover-key-of-the-tests"
 PINS = [["--layers", "0:6"], ["--layers", "6:12"], ["--layers", "12:18"]]
 LAYERS = ["0:6", "6:12", "12:18"]
 
@@ -620,7 +620,7 @@ def test_recovery_calls_refuse_bad_input_and_the_swarm_keeps_serving(swarm, refe
         stub.CloseSession(pb.CloseSessionRequest(session_id="s1"), timeout=30)
         coordinator.StoreCheckpoint(iter([pb.Checkpoint(session_id="nobody", layers=layers, positions=3, kv=b"x")]),
                                     timeout=30)  # a session that ended: ignored
-    with wire.channel(swarm.address, "wrong-key") as bad:  # the streamed calls check the key too
+    with wire.channel(swarm.address, "wrong-key-of-another-swarm") as bad:  # the streamed calls check the key too
         with pytest.raises(grpc.RpcError) as e:
             pbg.CoordinatorStub(bad).StoreCheckpoint(iter([pb.Checkpoint(session_id="x")]), timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

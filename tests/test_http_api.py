@@ -204,16 +204,16 @@ def test_a_client_that_closes_its_stream_frees_its_session(api, client, model, l
 
 def test_an_http_port_in_use_is_refused_at_once_and_no_http_serves_none(api, tmp_path):
     base = [sys.executable, "-m", "swarm.cli", "join", "--model", str(smollm2_path()), "--host", "127.0.0.1",
-            "--key", "k", "--mdns-interface", "off", "--swarm", f"http-{uuid.uuid4().hex[:6]}"]
+            "--key", "a-key-for-nothing-here", "--mdns-interface", "off", "--swarm", f"http-{uuid.uuid4().hex[:6]}"]
     done = subprocess.run([*base, "--port", str(free_port()), "--http-port", str(api.http_port)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and f"HTTP port {api.http_port}" in done.stderr and "--no-http" in done.stderr
     port, http_port = free_port(), free_port()
-    proc = Proc(["--model", str(smollm2_path()), "--host", "127.0.0.1", "--port", str(port), "--key", "k",
+    proc = Proc(["--model", str(smollm2_path()), "--host", "127.0.0.1", "--port", str(port), "--key", "a-key-for-nothing-here",
                  "--mdns-interface", "off", "--no-http", "--http-port", str(http_port)], tmp_path / "no-http.log")
     try:
         deadline = time.monotonic() + 60
-        with SwarmClient(f"127.0.0.1:{port}", key="k") as c:
+        with SwarmClient(f"127.0.0.1:{port}", key="a-key-for-nothing-here") as c:
             while True:
                 try:
                     c.status()

@@ -7,7 +7,7 @@ import pytest
 from conftest import N_TOKENS, PROMPTS
 from procs import Swarm
 
-KEY = "measure-key"
+KEY = "measure-key-of-the-tests"
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -14,11 +16,11 @@ from swarm import messages as m
 from swarm._proto import swarm_pb2 as pb
 from swarm.errors import AuthError, BadInputError, CancelledError, PeerError, UnreachableError
 from swarm.layers import LayerRange
-from swarm.wire import steps
+from swarm.wire import steps, tls
 from swarm.wire.channels import split_address
 from swarm.wire.convert import step_pb
 
-KEY = "step-key"
+KEY = "step-key-of-the-tests"
 
 
 class Served:
@@ -61,8 +63,9 @@ def _step(start=0) -> m.Step:
     return m.Step("s", start, (1,), LayerRange(0, 6))
 
 
-def _raw(address: str) -> socket.socket:
-    return socket.create_connection(split_address(address), timeout=10)
+def _raw(address: str, key: str = KEY) -> socket.socket:
+    """A TLS connection of this swarm's key, with no hello sent yet."""
+    return tls.credentials(key).wrap_client(socket.create_connection(split_address(address), timeout=10))
 
 
 def _read_error(conn: socket.socket) -> steps.StepError:
@@ -80,18 +83,33 @@ def test_steps_travel_and_reuse_one_connection(served):
     links.close()
 
 
-def test_wrong_or_missing_key_is_refused(served):
+def test_wrong_key_no_certificate_and_no_tls_are_refused_and_the_server_keeps_serving(served):
     s = served()
-    for key, text in (("not-the-key", "wrong swarm key"), ("", "needs its key")):
-        with pytest.raises(AuthError, match=text):
-            steps.StepLinks(key).call(s.address, _step(), timeout=10).result()
+    with pytest.raises(AuthError, match="not of this swarm's key"):  # another swarm's certificate
+        steps.StepLinks("not-the-key-of-this-swarm").call(s.address, _step(), timeout=10).result()
+    host, port = split_address(s.address)
+    with socket.create_connection((host, port), timeout=10) as c:  # no TLS at all: the hello in clear
+        c.sendall(steps.MAGIC + struct.pack("<IB", 0, steps.REQUEST))
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := c.recv(4096):
+                got += chunk  # the server ends the connection, having sent at most a TLS alert
+        assert steps.MAGIC not in got and len(got) < 100
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # TLS that checks the server but shows no certificate
+    anonymous.check_hostname = False
+    anonymous.load_verify_locations(cadata=tls.credentials(KEY).ca_pem.decode())
+    with anonymous.wrap_socket(socket.create_connection((host, port), timeout=10)) as c:
+        with pytest.raises((ssl.SSLError, ConnectionResetError, EOFError)):
+            c.sendall(steps.MAGIC + struct.pack("<IB", 0, steps.REQUEST))
+            if not c.recv(100):
+                raise EOFError
     assert s.contexts == []  # nothing was served
     assert steps.StepLinks(KEY).call(s.address, _step(3), timeout=10).result().token == 3
 
 
 def test_malformed_frames_get_invalid_argument_and_the_server_keeps_serving(served):
     s = served()
-    hello = struct.pack("<8sH", steps.MAGIC, len(KEY)) + KEY.encode()
+    hello = steps.MAGIC
     with _raw(s.address) as c:  # not a step connection at all
         c.sendall(b"GET / HTTP/1.1\r\n\r\n")
         e = _read_error(c)

@@ -28,10 +28,10 @@ from swarm._proto import swarm_pb2_grpc as pbg
 from swarm.client import SwarmClient
 from swarm.errors import AuthError, BadInputError
 from swarm.layers import LayerRange
-from swarm.wire import steps
+from swarm.wire import steps, tls
 from swarm.slicing import shard_info
 
-KEY = "test-key-123"
+KEY = "test-key-123-swarm-tests"
 
 
 @pytest.fixture(scope="module")
@@ -220,32 +220,39 @@ def test_seeded_sampling_through_the_swarm_is_llama_cpps_logits_sampled_alike(th
 
 
 def test_wrong_or_missing_key_is_refused(three, tmp_path):
-    with SwarmClient(three.address, key="not-the-key") as c:
+    with SwarmClient(three.address, key="not-the-key-of-this-swarm") as c:
         with pytest.raises(AuthError, match="wrong swarm key"):
             c.status()
         with pytest.raises(AuthError, match="wrong swarm key"):
             c.complete("hello", max_tokens=2)
     node = _node(three, "6:12")
-    for address in (three.address, node["address"]):
-        ch = grpc.insecure_channel(address)
+    ca = tls.credentials(KEY).ca_pem
+    strangers = {  # no TLS; TLS without a certificate; a certificate of another swarm's key
+        "plain": lambda a: grpc.insecure_channel(a),
+        "anonymous": lambda a: grpc.secure_channel(a, grpc.ssl_channel_credentials(ca), options=tls.CHANNEL_OPTIONS),
+        "other swarm": lambda a: wire.channel(a, "not-the-key-of-this-swarm"),
+    }
+    for kind, dial in strangers.items():
+        for address in (three.address, node["address"]):
+            ch = dial(address)
+            try:
+                with pytest.raises(grpc.RpcError) as e:
+                    pbg.NodeStub(ch).Forward(pb.ForwardRequest(session_id="x"), timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, kind  # refused in the handshake
+            finally:
+                ch.close()
+        ch = dial(three.address)
         try:
-            with pytest.raises(grpc.RpcError) as e:
-                pbg.NodeStub(ch).Forward(pb.ForwardRequest(session_id="x"), timeout=10)
-            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "needs its key" in e.value.details()
+            for call in (lambda s: s.Status(pb.StatusRequest(), timeout=10),
+                         lambda s: list(s.FetchShard(pb.FetchShardRequest(shard_id="x"), timeout=10)),
+                         lambda s: list(s.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)),
+                         lambda s: s.Join(pb.JoinRequest(name="evil", port=1), timeout=10)):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(pbg.CoordinatorStub(ch))
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, kind
         finally:
             ch.close()
-    ch = grpc.insecure_channel(three.address)
-    try:
-        for call in (lambda s: s.Status(pb.StatusRequest(), timeout=10),
-                     lambda s: list(s.FetchShard(pb.FetchShardRequest(shard_id="x"), timeout=10)),
-                     lambda s: list(s.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)),
-                     lambda s: s.Join(pb.JoinRequest(name="evil", port=1), timeout=10)):
-            with pytest.raises(grpc.RpcError) as e:
-                call(pbg.CoordinatorStub(ch))
-            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        ch.close()
-    intruder = Proc(["--coordinator", three.address, "--key", "wrong", "--host", "127.0.0.1", "--mdns-interface", "off",
+    intruder = Proc(["--coordinator", three.address, "--key", "wrong-key-of-no-swarm", "--host", "127.0.0.1", "--mdns-interface", "off",
                      "--name", "intruder"], tmp_path / "intruder.log", {"SWARM_CACHE_DIR": str(tmp_path / "c")})
     assert intruder.p.wait(60) == 1
     assert "wrong swarm key" in intruder.text()
@@ -345,8 +352,8 @@ def test_step_stream_refuses_bad_keys_and_malformed_steps_and_the_node_keeps_ser
     assert address and address != node["address"]
     span = LayerRange(6, 12)
     row = np.zeros((1, 640), np.float32).tobytes()
-    with pytest.raises(AuthError, match="wrong swarm key"):
-        steps.StepLinks("not-the-key").call(address, m.Step("x", 0, (1,), span), timeout=10).result()
+    with pytest.raises(AuthError, match="wrong --key"):
+        steps.StepLinks("not-the-key-of-this-swarm").call(address, m.Step("x", 0, (1,), span), timeout=10).result()
     links = steps.StepLinks(KEY)
     for step, text in (
         (m.Step("no-such", 0, (1,), span, row), "unknown session"),
@@ -355,8 +362,8 @@ def test_step_stream_refuses_bad_keys_and_malformed_steps_and_the_node_keeps_ser
     ):
         with pytest.raises(BadInputError, match=text):  # INVALID_ARGUMENT
             links.call(address, step, timeout=10).result()
-    with socket.create_connection(wire.split_address(address), timeout=10) as c:
-        c.sendall(struct.pack("<8sH", steps.MAGIC, len(KEY)) + KEY.encode() + struct.pack("<IB", 1 << 30, 1))
+    with tls.credentials(KEY).wrap_client(socket.create_connection(wire.split_address(address), timeout=10)) as c:
+        c.sendall(steps.MAGIC + struct.pack("<IB", 1 << 30, 1))
         assert b"over the limit" in c.recv(4096)
     links.close()
     _, expected, _ = reference.run(PROMPTS[0])
@@ -396,11 +403,11 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "swarm.cli", "join", "--coordinator", f"127.0.0.1:{free_port()}",
-                               "--key", "k", "--host", "127.0.0.1", "--port", str(port), "--mdns-interface", "off"],
+                               "--key", "a-key-for-nothing-here", "--host", "127.0.0.1", "--port", str(port), "--mdns-interface", "off"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "--port" in done.stderr
         done = subprocess.run([sys.executable, "-m", "swarm.cli", "join", "--coordinator", f"127.0.0.1:{free_port()}",
-                               "--key", "k", "--host", "127.0.0.1", "--step-port", str(port), "--mdns-interface", "off"],
+                               "--key", "a-key-for-nothing-here", "--host", "127.0.0.1", "--step-port", str(port), "--mdns-interface", "off"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "--step-port" in done.stderr
 

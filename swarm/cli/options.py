@@ -61,4 +61,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def add_http(p: argparse.ArgumentParser, default_text: str) -> None:
     p.add_argument("--http-port", type=int, default=None,
                    help=f"port of the OpenAI-compatible HTTP API and the web page ({default_text})")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="address the HTTP API and the web page listen on (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 serves other machines too, in plain HTTP: see docs/security.md)")
     p.add_argument("--no-http", action="store_true", help="serve no HTTP API and no web page")

@@ -69,7 +69,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             port=join.DEFAULT_PORT if args.port is None else args.port, max_memory=max_memory, pin=pin,
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
             reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
-            http=not args.no_http, http_port=args.http_port,
+            http=not args.no_http, http_port=args.http_port, http_host=args.http_host,
             standbys=not args.no_standbys, standbys_on_route=args.standbys_on_route,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
@@ -80,7 +80,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         if running.advertiser is not None:
             print(f"  (or on this network: swarm join --swarm {shlex.quote(args.swarm)} {key_arg})", file=sys.stderr)
         if running.http:
-            print(f"web page and OpenAI-compatible API: http://{_browser_host(running.address)}:{running.http.port}/ "
+            web_host = running.address if running.http.host in ("0.0.0.0", "", "::") else running.http.host + ":0"
+            print(f"web page and OpenAI-compatible API: http://{_browser_host(web_host)}:{running.http.port}/ "
                   "(the swarm key is the API key)", file=sys.stderr)
         print("and chat with `swarm chat` here; Ctrl-C stops the swarm", file=sys.stderr)
         sys.stderr.flush()
@@ -126,7 +127,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         http_port = args.http_port
     else:  # the usual port when it is free; a second `swarm local` on this machine takes any free one
         http_port = LOCAL_HTTP_PORT if _port_free(LOCAL_HTTP_PORT) else 0
-    with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx, http_port=http_port) as swarm:
+    with LocalSwarm(model, nodes=args.nodes, threads=args.threads, ctx=args.ctx, http_port=http_port,
+                    http_host=args.http_host) as swarm:
         status = swarm.client.status()
         print("layer map: " + ", ".join(
             f"{n['layers']['start']}:{n['layers']['end']} on {n['name']}" for n in sorted(
@@ -134,6 +136,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             file=sys.stderr)
         print(f"node logs: {swarm.log_dir}", file=sys.stderr)
         if swarm.running.http:
-            print(f"web page and OpenAI-compatible API: http://127.0.0.1:{swarm.running.http.port}/ (key: "
+            print(f"web page and OpenAI-compatible API: http://{_browser_host(swarm.running.http.host + ':0')}:"
+                  f"{swarm.running.http.port}/ (key: "
                   f"{swarm.running.key})", file=sys.stderr)
         return chat_session(swarm.client, args)

@@ -1,6 +1,7 @@
 """The wire: everything that crosses the network, and the only place protobuf appears.
 
-    channels.py        gRPC channels and servers that carry and check the swarm key
+    tls.py             mutual TLS: the certificate authority the swarm key stands for, credentials
+    channels.py        gRPC channels and servers over mutual TLS
     codes.py           swarm errors <-> gRPC status codes, once at each end
     convert.py         protobuf <-> the project's types (`messages.py`) for nodes
     convert_client.py  the same for clients: generation and status
@@ -12,6 +13,7 @@
 Everything above the wire speaks `messages.py`, LayerRange and SamplingParams.
 """
 
+from . import tls
 from .channels import MAX_MESSAGE, channel, check_address, new_key, server, split_address
 from .codes import from_rpc, status_for
 from .convert import KV_PIECE
@@ -21,7 +23,7 @@ from .servicers import CoordinatorServicer, NodeServicer
 from .steps import StepContext, StepLinks, StepServer
 
 __all__ = [
-    "MAX_MESSAGE", "KV_PIECE", "channel", "check_address", "new_key", "server", "split_address", "from_rpc",
+    "tls", "MAX_MESSAGE", "KV_PIECE", "channel", "check_address", "new_key", "server", "split_address", "from_rpc",
     "status_for", "CoordinatorLink", "NodeRegistry", "RemoteNode", "CoordinatorServicer", "NodeServicer",
     "StepContext", "StepLinks", "StepServer",
 ]

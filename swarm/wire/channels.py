@@ -1,8 +1,7 @@
-"""gRPC channels and servers that carry the swarm key: every call presents it, every server checks it."""
+"""gRPC channels and servers of the swarm: mutual TLS with certificates of the swarm key's authority (tls.py)."""
 
 from __future__ import annotations
 
-import hmac
 import re
 import secrets
 from concurrent import futures
@@ -10,8 +9,8 @@ from concurrent import futures
 import grpc
 
 from ..errors import BadInputError
+from . import tls
 
-KEY_HEADER = "swarm-key"
 # gRPC's own limit sits above any legitimate message (a 512-position batch of a 16k-wide model is
 # 32 MB), so that oversized requests reach the handlers and get a precise INVALID_ARGUMENT there, and
 # low enough that unkeyed callers (checked only once a message has arrived) cannot make a node buffer much.
@@ -58,70 +57,22 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _KeyClient(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                 grpc.StreamUnaryClientInterceptor):
-    """Adds the swarm key to every outgoing call."""
-
-    def __init__(self, key: str):
-        self._meta = ((KEY_HEADER, key),)
-
-    def _details(self, details):
-        meta = tuple(details.metadata or ()) + self._meta
-        return details._replace(metadata=meta)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-
-class KeyCheck(grpc.ServerInterceptor):
-    """Refuses every call whose `swarm-key` is missing or wrong, before any handler runs."""
-
-    def __init__(self, key: str):
-        self._key = key.encode()
-
-    def intercept_service(self, continuation, details):
-        given = dict(details.invocation_metadata or ()).get(KEY_HEADER)
-        if given is not None and hmac.compare_digest(given.encode(), self._key):
-            return continuation(details)
-        message = NO_KEY if given is None else WRONG_KEY
-        handler = continuation(details)
-        if handler is None:
-            return None
-
-        def refuse(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        def refuse_stream(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - abort raises
-
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(refuse_stream)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(refuse)
-        return grpc.unary_unary_rpc_method_handler(refuse)
-
-
 def channel(address: str, key: str) -> grpc.Channel:
-    """An insecure channel to `address` that presents `key` on every call."""
-    raw = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return grpc.intercept_channel(raw, _KeyClient(key))
+    """A mutual-TLS channel to `address`, with this process's certificate of the swarm of `key`."""
+    return grpc.secure_channel(address, tls.credentials(key).channel_credentials(),
+                               options=CHANNEL_OPTIONS + tls.CHANNEL_OPTIONS)
 
 
 def server(host: str, port: int, key: str) -> tuple[grpc.Server, int]:
-    """A gRPC server bound to host:port (0: any free port) that refuses calls without the key; (server, port)."""
+    """A gRPC server bound to host:port (0: any free port) that serves only peers holding a certificate of
+    the swarm of `key` (mutual TLS); (server, port)."""
+    creds = tls.credentials(key).server_credentials()
     srv = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-        interceptors=[KeyCheck(key)], options=SERVER_OPTIONS, maximum_concurrent_rpcs=256,
+        options=SERVER_OPTIONS, maximum_concurrent_rpcs=256,
     )
     try:
-        bound = srv.add_insecure_port(f"{host}:{port}")
+        bound = srv.add_secure_port(f"{host}:{port}", creds)
     except RuntimeError:
         bound = 0
     if not bound:

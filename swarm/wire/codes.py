@@ -115,6 +115,9 @@ def from_rpc(e: grpc.RpcError, peer: str) -> SwarmError:
         return NotReadyError(text)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthError(f"{peer} refused the call: {text}")
+    if code == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in text.upper():
+        return AuthError(f"{peer} is not of this swarm: its certificate is not signed by this key's authority "
+                         "(wrong swarm key? pass the key its coordinator printed)")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         if answered(e):  # the peer answered: it says what failed further on
             return PeerError(text)

@@ -10,9 +10,11 @@ the kernel until the reply does: one wake-up on each side. The messages are the 
 back as the swarm errors they stand for, as from a gRPC call. Handlers and callers speak
 `messages.Step` and `messages.StepResult`.
 
-A connection opens with a hello, then carries one step at a time, each answered before the next:
+A connection is TLS 1.3 with certificates checked on both ends (`tls.py`: only holders of the swarm key
+get through the handshake; the key itself is never sent). It opens with a hello, then carries one step
+at a time, each answered before the next:
 
-    hello:  b"SWSTEP1\\0", u16 key length, the swarm key (UTF-8)
+    hello:  b"SWSTEP2\\0"
     frame:  u32 payload length, u8 kind, payload     (little-endian)
             kind 1: ForwardRequest    (caller -> node)
             kind 2: ForwardReply      (node -> caller)
@@ -20,17 +22,17 @@ A connection opens with a hello, then carries one step at a time, each answered 
 
 A caller cancels a step by closing its connection; the node notices while it waits on the next hop
 (the step it sent on watches the connection it came from), closes that connection too, and rolls its
-step back. A wrong key, a frame over `MAX_MESSAGE`, or
-an unknown kind gets an error frame and the connection closed; a request that does not parse gets an
+step back. A peer without a certificate of the swarm's key fails the handshake; a frame over
+`MAX_MESSAGE`, or an unknown kind gets an error frame and the connection closed; a request that does not parse gets an
 error frame and the connection stays usable. The node keeps serving every other connection.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -42,16 +44,15 @@ from google.protobuf.message import DecodeError
 from .. import messages as m
 from .._proto import swarm_pb2 as pb
 from ..errors import BadInputError, CancelledError, SwarmError
-from .channels import MAX_MESSAGE, NO_KEY, WRONG_KEY, split_address
+from . import tls
+from .channels import MAX_MESSAGE, split_address
 from .codes import from_rpc, status_for
 from .convert import step_of, step_pb, step_result_of, step_result_pb
 
-MAGIC = b"SWSTEP1\0"
+MAGIC = b"SWSTEP2\0"
 REQUEST, REPLY, ERROR = 1, 2, 3
 _HEAD = struct.Struct("<IB")
-_HELLO = struct.Struct("<8sH")
-_MAX_KEY = 1024
-HELLO_TIMEOUT_S = 10.0  # an unauthenticated connection may not hold a thread longer
+HELLO_TIMEOUT_S = 10.0  # a connection may not hold a thread longer before its handshake and hello
 MAX_CONNECTIONS = 256
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -80,6 +81,20 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
             raise EOFError("the connection closed")
         got += k
     return bytes(buf)
+
+
+def _refused(e: BaseException) -> bool:
+    """A TLS alert about our certificate (not a connection that broke)."""
+    return isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) \
+        and any(w in str(e).upper() for w in ("CERTIFICATE", "UNKNOWN_CA", "ALERT"))
+
+
+def _tls_reason(e: OSError) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return "its certificate is not of this swarm's key (a wrong --key, or another swarm)"
+    if isinstance(e, ssl.SSLError):
+        return f"it refused this swarm key's certificate ({e.reason or e}): a wrong --key, or another swarm"
+    return str(e.strerror or e)
 
 
 def _frame(kind: int, payload: bytes) -> bytes:
@@ -132,7 +147,7 @@ class StepServer:
     """
 
     def __init__(self, host: str, port: int, key: str):
-        self._key = key.encode()
+        self._creds = tls.credentials(key)
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
         try:
             self._sock = socket.create_server((host.strip("[]") or "0.0.0.0", port), family=family, backlog=64)
@@ -186,10 +201,15 @@ class StepServer:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.settimeout(HELLO_TIMEOUT_S)
+            plain, conn = conn, self._creds.wrap_server(conn)  # a peer without the swarm's certificate ends here
+            with self._lock:
+                self._conns.discard(plain)
+                self._conns.add(conn)
             if self._hello(conn):
                 self._steps(conn)
         except (OSError, EOFError):
-            pass  # the caller went away
+            pass  # the caller went away, or failed the handshake
         finally:
             with self._lock:
                 self._conns.discard(conn)
@@ -197,17 +217,9 @@ class StepServer:
 
     def _hello(self, conn: socket.socket) -> bool:
         conn.settimeout(HELLO_TIMEOUT_S)
-        magic, n = _HELLO.unpack(_recv_exact(conn, _HELLO.size))
-        if magic != MAGIC:
+        if _recv_exact(conn, len(MAGIC)) != MAGIC:
             conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT,
                                       "not a step connection: it must open with the step stream's hello"))
-            return False
-        if n > _MAX_KEY:
-            conn.sendall(_error_frame(grpc.StatusCode.INVALID_ARGUMENT, f"a swarm key is at most {_MAX_KEY} bytes"))
-            return False
-        given = _recv_exact(conn, n)
-        if not hmac.compare_digest(given, self._key):
-            conn.sendall(_error_frame(grpc.StatusCode.UNAUTHENTICATED, WRONG_KEY if n else NO_KEY))
             return False
         conn.settimeout(None)
         return True
@@ -314,6 +326,9 @@ class StepCall:
             self._end()
             if cancelled:
                 raise CancelledError(f"the step to {self._where} was cancelled") from None
+            if _refused(e):
+                raise StepError(grpc.StatusCode.UNAUTHENTICATED,
+                                f"the step stream at {self._address} refused us: {_tls_reason(e)}") from None
             raise StepError(grpc.StatusCode.UNAVAILABLE, f"the step connection to {self._address} broke: {e}") from None
         self._end()
         raise CancelledError(f"the step to {self._where} was cancelled")
@@ -329,7 +344,7 @@ class StepLinks:
     """Step connections to other nodes, opened on first use and kept for the next step."""
 
     def __init__(self, key: str):
-        self._hello = _HELLO.pack(MAGIC, len(key.encode())) + key.encode()
+        self._creds = tls.credentials(key)
         self._idle: dict[str, list[socket.socket]] = {}
         self._lock = threading.Lock()
 
@@ -349,15 +364,22 @@ class StepLinks:
         head = b""
         if conn is None:
             try:
-                conn = socket.create_connection(split_address(address), timeout=min(timeout, 10.0))
-                conn.settimeout(None)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                raw = socket.create_connection(split_address(address), timeout=min(timeout, 10.0))
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError as e:
                 raise from_rpc(StepError(grpc.StatusCode.UNAVAILABLE,
                                          f"cannot reach the step stream at {address}: {e.strerror or e}"),
                                where) from None
-            head = self._hello
+            try:
+                conn = self._creds.wrap_client(raw)
+            except OSError as e:
+                raw.close()
+                code = grpc.StatusCode.UNAUTHENTICATED if _refused(e) else grpc.StatusCode.UNAVAILABLE
+                raise from_rpc(StepError(code, f"the TLS handshake with {address} failed: {_tls_reason(e)}"),
+                               where) from None
+            conn.settimeout(None)
+            head = MAGIC
         try:
             conn.sendall(head + _frame(REQUEST, payload))
         except OSError as e:
