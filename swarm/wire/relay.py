@@ -1,21 +1,11 @@
 """Reverse connections through a relay, for nodes that accept no inbound connection (behind NAT).
 
-The relay (inside the coordinator's process) listens on one port for nodes and, for each outbound-only
-node, on two more ports of its own: one stands for the node's gRPC server, one for its step stream.
-The node keeps a control connection to the relay and a few idle "reverse" connections. A peer that
-connects to one of the node's relay ports is handed an idle reverse connection: the relay tells it
-which of the node's servers to reach ("go"), the node connects to that server on 127.0.0.1, and from
-then on both ends copy bytes both ways until either side closes. Whatever runs inside (gRPC, the step
-stream, TLS) sees one plain TCP connection.
-
-Frames before splicing: a 4-byte big-endian length, then a JSON object. Each connection to the relay
-port starts with the relay's challenge {"t": "challenge", "nonce"}; the node answers {"t": "hello",
-"kind": "control" | "reverse", "token", "nonce", "mac"} where mac = HMAC-SHA256(swarm key,
-"swarm-relay|kind|token|relay nonce"); the relay refuses ({"t": "refused", "why"}) an unknown token or a
-wrong mac, and answers a control hello with {"t": "ok", "mac"} (its own HMAC over the node's nonce). On
-the control connection the relay asks for more reverse connections ({"t": "open", "n"}) and either side
-may ping ({"t": "ping"} / {"t": "pong"}). A reverse connection waits for {"t": "go", "to": "grpc" |
-"steps"}; after that frame it carries the peer's bytes.
+The relay (in the coordinator's process) listens on one port for nodes and, per outbound-only node, on two
+ports that stand for the node's gRPC server and its step stream. The node keeps a control connection and
+a few idle reverse connections to the relay; a peer that connects to one of its relay ports is handed an
+idle reverse connection, the relay says "go" and which server, the node connects to that server locally,
+and bytes are copied both ways until either side closes: gRPC, the step stream or TLS inside see one TCP
+connection. Frames and the HMAC hello: docs/protocol.md, "The relay".
 """
 
 from __future__ import annotations
@@ -35,7 +25,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 POOL = 4  # idle reverse connections a node keeps open
-WAIT_S = 3.0  # how long a peer's connection waits for a reverse connection when the pool is empty
+WAIT_S = 5.0  # how long a peer's connection waits for a reverse connection (or a new node to connect)
 PING_S = 5.0
 SILENT_S = 15.0  # a control connection silent this long is dead
 MAX_FRAME = 4096
@@ -54,11 +44,12 @@ def send_frame(sock: socket.socket, **obj) -> None:
 def _exact(sock: socket.socket, n: int) -> bytes:
     out = b""
     while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        out += chunk
+        out += (chunk := sock.recv(n - len(out))) or _closed()
     return out
+
+
+def _closed() -> bytes:
+    raise ConnectionError("connection closed")
 
 
 def recv_frame(sock: socket.socket) -> dict:
@@ -66,9 +57,7 @@ def recv_frame(sock: socket.socket) -> dict:
     if n > MAX_FRAME:
         raise ConnectionError(f"relay frame of {n} bytes")
     obj = json.loads(_exact(sock, n))
-    if not isinstance(obj, dict):
-        raise ConnectionError("relay frame is not an object")
-    return obj
+    return obj if isinstance(obj, dict) else {}
 
 
 def _tune(sock: socket.socket) -> socket.socket:
@@ -80,13 +69,21 @@ def _tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def _close(*socks: socket.socket | None) -> None:
+def _shut(*socks: socket.socket | None) -> None:
+    """Shut both directions down (wakes a thread blocked on the socket)."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
+            pass
+
+
+def _close(*socks: socket.socket | None, shut: bool = False) -> None:
+    if shut:
+        _shut(*socks)
     for s in socks:
         if s is not None:
-            try:
-                s.close()
-            except OSError:
-                pass
+            s.close()
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -99,31 +96,20 @@ def splice(a: socket.socket, b: socket.socket) -> None:
     """Copy bytes both ways until both directions ended (a half-close is passed on), then close both."""
     a.settimeout(None)
     b.settimeout(None)
-    left = [2]
-    lock = threading.Lock()
 
     def pump(src: socket.socket, dst: socket.socket) -> None:
         try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
+            while data := src.recv(1 << 16):
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # one side broke: end both directions
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        with lock:
-            left[0] -= 1
-            done = left[0] == 0
-        if done:
-            _close(a, b)
+            _shut(a, b)
 
-    threading.Thread(target=pump, args=(b, a), name="relay-splice", daemon=True).start()
+    other = threading.Thread(target=pump, args=(b, a), name="relay-splice", daemon=True)
+    other.start()
     pump(a, b)
+    other.join()
+    _close(a, b)
 
 
 # ---------------------------------------------------------------- the relay
@@ -140,6 +126,7 @@ class Endpoint:
     control: socket.socket | None = None
     pool: list[socket.socket] = field(default_factory=list)
     spliced: int = 0  # peer connections carried so far
+    seen: bool = False  # the node has connected once (before that, peers wait for it)
     closed: bool = False
 
 
@@ -179,17 +166,10 @@ class Relay:
             socks = [*e.listeners.values(), e.control, *e.pool]
             e.pool.clear()
             self._changed.notify_all()
-        for s in socks:
-            if s is not None:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        _close(*socks)
+        _close(*socks, shut=True)
 
     def endpoint(self, token: str) -> Endpoint | None:
-        with self._lock:
-            return self._endpoints.get(token)
+        return self._endpoints.get(token)
 
     def close(self) -> None:
         self._closed = True
@@ -224,10 +204,7 @@ class Relay:
             if kind == "reverse":
                 sock.settimeout(None)
                 with self._lock:
-                    if e.closed:
-                        _close(sock)
-                        return
-                    e.pool.append(sock)
+                    (e.pool.append if not e.closed else _close)(sock)
                     self._changed.notify_all()
                 return
             send_frame(sock, t="ok", mac=mac(self.key, "relay", token, str(hello.get("nonce", ""))))
@@ -238,9 +215,10 @@ class Relay:
 
     def _serve_control(self, e: Endpoint, sock: socket.socket) -> None:
         with self._lock:
-            old, e.control = e.control, sock
+            old, e.control, e.seen = e.control, sock, True
             if e.closed:
                 old, e.control = sock, None
+            self._changed.notify_all()
         _close(old)
         log.info("relay: %s connected", e.name)
         sock.settimeout(SILENT_S)
@@ -285,9 +263,9 @@ class Relay:
                     if len(e.pool) < POOL // 2 and e.control is not None:
                         self._ask(e, POOL - len(e.pool))
                     return sock
-                if e.closed or e.control is None or time.monotonic() >= deadline:
+                if e.closed or (e.control is None and e.seen) or time.monotonic() >= deadline:
                     return None
-                if not asked:
+                if not asked and e.control is not None:
                     self._ask(e, POOL)
                     asked = True
                 self._changed.wait(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -322,8 +300,10 @@ class RelayClient:
     """Keeps a node reachable through a relay: a control connection and `pool` idle reverse connections,
     each spliced to the node's own server named in "go" (`targets`: name -> local port)."""
 
-    def __init__(self, relay: tuple[str, int], token: str, key: str, targets: dict[str, int], pool: int = POOL):
+    def __init__(self, relay: tuple[str, int], token: str, key: str, targets: dict[str, int], pool: int = POOL,
+                 local_host: str = "127.0.0.1"):
         self.relay, self.token, self.key, self.targets, self.pool = relay, token, key, targets, pool
+        self.local_host = local_host
         self._lock = threading.Lock()
         self._idle = 0
         self._open: set[socket.socket] = set()  # the control and the idle reverse connections
@@ -336,12 +316,7 @@ class RelayClient:
         self._stop.set()
         with self._lock:
             socks, self._open = list(self._open), set()
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        _close(*socks)
+        _close(*socks, shut=True)
 
     def _track(self, sock: socket.socket | None, on: bool) -> None:
         with self._lock:
@@ -352,7 +327,7 @@ class RelayClient:
                 if on:  # closed meanwhile
                     _close(sock)
 
-    def _dial(self, kind: str) -> tuple[socket.socket, dict]:
+    def _dial(self, kind: str) -> socket.socket:
         sock = _tune(socket.create_connection(self.relay, timeout=10.0))
         try:
             challenge = recv_frame(sock)
@@ -360,14 +335,14 @@ class RelayClient:
             send_frame(sock, t="hello", kind=kind, token=self.token, nonce=nonce,
                        mac=mac(self.key, kind, self.token, str(challenge.get("nonce"))))
             if kind == "reverse":
-                return sock, {"nonce": nonce}
+                return sock
             reply = recv_frame(sock)
             if reply.get("t") == "refused":
                 raise PermissionError(str(reply.get("why")))
             if reply.get("t") != "ok" or not hmac.compare_digest(str(reply.get("mac", "")),
                                                                  mac(self.key, "relay", self.token, nonce)):
                 raise PermissionError("the relay does not know the swarm key")
-            return sock, reply
+            return sock
         except BaseException:
             _close(sock)
             raise
@@ -377,7 +352,7 @@ class RelayClient:
         while not self._stop.is_set():
             sock = None
             try:
-                sock, _ = self._dial("control")
+                sock = self._dial("control")
                 self._track(sock, True)
                 backoff = 0.25
                 self.connected.set()
@@ -423,7 +398,7 @@ class RelayClient:
         sock = local = None
         idle = True
         try:
-            sock, _ = self._dial("reverse")
+            sock = self._dial("reverse")
             self._track(sock, True)
             sock.settimeout(None)
             go = recv_frame(sock)
@@ -436,7 +411,7 @@ class RelayClient:
             port = self.targets.get(str(go.get("to")))
             if go.get("t") != "go" or port is None or self._stop.is_set():
                 raise ConnectionError(f"unexpected relay frame {go}")
-            local = _tune(socket.create_connection(("127.0.0.1", port), timeout=5.0))
+            local = _tune(socket.create_connection((self.local_host, port), timeout=5.0))
         except (OSError, ValueError, ConnectionError):
             if idle:
                 with self._lock:
