@@ -236,7 +236,7 @@ class Relay:
             pool, e.pool = e.pool, []
             self._changed.notify_all()
         _close(sock, *pool)  # idle reverse connections of a node that is gone are no use
-        log.info("relay: %s disconnected", e.name)
+        log.info("relay: %s disconnected (%d connections relayed to it)", e.name, e.spliced)
 
     # ------------------------------------------------------------ peers
 
