@@ -362,7 +362,8 @@ class RelayClient:
                 self.refused = str(e)
                 log.warning("relay %s:%d refused this node: %s", *self.relay, e)
             except (OSError, ValueError, ConnectionError) as e:
-                log.warning("relay %s:%d: %s; connecting again", *self.relay, e)
+                log.log(logging.WARNING if backoff == 0.25 else logging.DEBUG, "relay %s:%d: %s; connecting again",
+                        *self.relay, e)
             self.connected.clear()
             self._track(sock, False)
             _close(sock)
