@@ -56,6 +56,9 @@ def test_an_outbound_only_node_is_reached_through_the_relay(swarm, reference):
     assert int(relayed["address"].rsplit(":", 1)[1]) != served_on
     assert "peers reach it through the relay" in swarm.procs[2].text()
     assert "outbound-only" in swarm.coordinator.text()
+    # The coordinator said where it listens, and that only this machine can join it there.
+    assert f"listening on {swarm.address} " in swarm.coordinator.text()
+    assert "warning: listening on the loopback interface only" in swarm.coordinator.text()
     for prompt in PROMPTS[:2]:
         _, expected, _ = reference.run(prompt, N)
         assert swarm.client.complete(prompt, max_tokens=N).tokens == expected

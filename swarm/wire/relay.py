@@ -44,7 +44,7 @@ def send_frame(sock: socket.socket, **obj) -> None:
 def _exact(sock: socket.socket, n: int) -> bytes:
     out = b""
     while len(out) < n:
-        out += (chunk := sock.recv(n - len(out))) or _closed()
+        out += sock.recv(n - len(out)) or _closed()
     return out
 
 
@@ -88,7 +88,7 @@ def _close(*socks: socket.socket | None, shut: bool = False) -> None:
 
 def _readable(sock: socket.socket) -> bool:
     poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)  # (select() fails past fd 1023)
     return bool(poller.poll(0))
 
 
