@@ -134,6 +134,7 @@ def test_a_node_no_one_can_reach_is_found_out_and_relayed(tmp_path, reference):
         assert nodes["node1"]["outbound_only"] and not nodes["node0"]["outbound_only"], nodes
         assert nodes["node1"]["address"].startswith(lab.address(0) + ":")
         assert "(it did not answer)" in procs[0].text()
+        assert f"listening on {coordinator} " in procs[0].text() and "loopback" not in procs[0].text()
         # The firewall works: from the coordinator's host, the node's own port takes no connection.
         port = int(procs[2].text().split("serving on port ")[1].split()[0])
         probe = subprocess.run([*lab.prefix(0), sys.executable, "-c", "import socket,sys; socket.create_connection("
