@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7700
 HTTP_PORT_OFFSET = 80  # the HTTP API's default port is the coordinator's + 80: 7780
+RELAY_PORT_OFFSET = 2  # the relay for outbound-only nodes: the coordinator's port + 2 (+1 is its step port)
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
 
 
@@ -121,6 +122,20 @@ class RunningCoordinator:
     swarm: str
     advertiser: discovery.Advertiser | None
     http: HttpServer | None = None  # the OpenAI-compatible API and the web page; None with --no-http
+    host: str = "0.0.0.0"  # where it listens (--host)
+
+    @property
+    def relay_port(self) -> int:
+        return self.coordinator.relay.port if self.coordinator.relay else 0
+
+    def listening(self) -> list[str]:
+        """The addresses other machines may dial (every interface's for 0.0.0.0)."""
+        hosts = discovery.local_addresses() if self.host in ("", "0.0.0.0", "::") else [self.address.rsplit(":", 1)[0]]
+        port = self.address.rsplit(":", 1)[1]
+        return [f"{h}:{port}" for h in hosts]
+
+    def loopback_only(self) -> bool:
+        return all(a.startswith(("127.", "[::1]", "::1", "localhost")) for a in self.listening())
 
     def stop(self, grace: float = 1.0) -> None:
         if self.advertiser:
@@ -144,21 +159,28 @@ def start_coordinator(
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
     reprofile: bool = False, failover: bool = True, step_port: int | None = None, http: bool = True,
     http_port: int | None = None, standbys: bool = True, standbys_on_route: bool = False,
-    http_host: str = "127.0.0.1",
+    http_host: str = "127.0.0.1", relay_port: int | None = None,
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS.
 
     With `http` the OpenAI-compatible API and the web page listen on `http_host`:`http_port` (plain HTTP,
     so this machine only unless asked); port None: --port + 80 (7780 by default), or any free port when
-    --port is 0.
+    --port is 0. Nodes that cannot be reached (behind NAT) are relayed through `relay_port`; None: --port + 2
+    (7702 by default), or any free port when --port is 0.
     """
     engine.plan_threads(threads)
     key = key or wire.new_key()
     server, bound = wire.server(host, port, key)
     address = f"{_reachable_host(host)}:{bound}"
-    step_server = web = coordinator = None
+    step_server = web = coordinator = relay = None
     try:
         step_server = _step_server(host, bound if port else 0, step_port, key)
+        try:
+            relay = wire.Relay(host, relay_port if relay_port is not None else (
+                bound + RELAY_PORT_OFFSET if port else 0), key)
+        except OSError as e:
+            raise BadInputError(f"cannot listen for outbound-only nodes: {e}; pick another port with --relay-port"
+                                ) from None
         if http:  # bound before the model loads: a port in use is refused at once
             web = HttpServer(http_host, http_port if http_port is not None else (bound + HTTP_PORT_OFFSET if port else 0))
         coordinator = Coordinator(
@@ -166,7 +188,7 @@ def start_coordinator(
             resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
             max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
             step_address=f"{_reachable_host(host)}:{step_server.port}", standbys=standbys,
-            standbys_on_route=standbys_on_route,
+            standbys_on_route=standbys_on_route, relay=relay,
         )
         if web:
             web.serve(coordinator, key)
@@ -175,6 +197,8 @@ def start_coordinator(
             web.stop()
         if coordinator is not None:
             coordinator.close()
+        elif relay is not None:
+            relay.close()
         if step_server is not None:
             step_server.close()
         server.stop(0)
@@ -190,7 +214,7 @@ def start_coordinator(
         advertiser = discovery.Advertiser(swarm, name or socket.gethostname(), bound, addresses, interfaces)
     _write_private(key_file(swarm), json.dumps({"address": address, "key": key, "pid": os.getpid()}))
     log.info("coordinator of swarm %r listening on %s", swarm, address)
-    return RunningCoordinator(coordinator, server, step_server, address, key, swarm, advertiser, web)
+    return RunningCoordinator(coordinator, server, step_server, address, key, swarm, advertiser, web, host)
 
 
 class RunningNode:
@@ -200,10 +224,13 @@ class RunningNode:
         self, *, coordinator: str | None, swarm: str, key: str, name: str, host: str, port: int,
         max_memory: int, pin: LayerRange | None, threads: int | None, mdns_interface: str | None,
         reprofile: bool = False, step_port: int | None = None, leave_at: float | None = None,
+        outbound_only: bool = False,
     ):
         engine.plan_threads(threads)
         self.leave_at = leave_at  # time.monotonic() of --leave-after's deadline (told to the coordinator)
         self.swarm, self.key, self.name = swarm, key, name
+        self.outbound_only = outbound_only  # --outbound-only: peers reach it through the coordinator's relay
+        self.relay: wire.RelayClient | None = None  # while the coordinator relays for it
         self.pin, self.max_memory, self.threads = pin, max_memory, threads
         self.interfaces = discovery.interfaces_for(host, mdns_interface)
         self._fixed_coordinator = wire.check_address(coordinator) if coordinator else None
@@ -223,6 +250,7 @@ class RunningNode:
         self.step_port = self.step_server.port
         self.step_server.start(self.service.step)
         self.host = "" if host in ("", "0.0.0.0", "::") else _reachable_host(host)
+        self._local_host = self.host or "127.0.0.1"  # where reverse connections reach this node's servers
         wire.NodeServicer.add_to(self.server, self.service)
         self.server.start()
         self.node_id: str | None = None
@@ -257,12 +285,26 @@ class RunningNode:
         welcome = self._coordinator().join(m.JoinRequest(
             name=self.name, port=self.port, step_port=self.step_port, host=self.host, pin=self.pin,
             resources=resources(self.max_memory, self.threads, with_devices=True), version=__version__,
-            leave_after_s=max(0.001, self.leave_at - time.monotonic()) if self.leave_at is not None else 0.0))
+            leave_after_s=max(0.001, self.leave_at - time.monotonic()) if self.leave_at is not None else 0.0,
+            outbound_only=self.outbound_only))
+        self._use_relay(welcome)
         self.node_id = welcome.node_id
         self.heartbeat_s = welcome.heartbeat_s or 1.0
         named = f" as {welcome.name}" + (f" (another node is {self.name})" if welcome.name != self.name else "")
         log.info("joined swarm %r at %s%s (model %s)", self.swarm, self.coordinator_address, named,
                  welcome.model_name)
+
+    def _use_relay(self, welcome: m.Welcome) -> None:
+        """Keep reverse connections to the relay the coordinator named (none when it reaches this node)."""
+        if self.relay is not None and (not welcome.relay_port or self.relay.token != welcome.relay_token):
+            self.relay.close()
+            self.relay = None
+        if welcome.relay_port and self.relay is None:
+            host = welcome.relay_host or wire.split_address(self.coordinator_address)[0]
+            self.relay = wire.RelayClient((host, welcome.relay_port), welcome.relay_token, self.key,
+                                          {"grpc": self.port, "steps": self.step_port}, local_host=self._local_host)
+            log.info("the coordinator cannot reach this node%s: peers reach it through the relay at %s:%d",
+                     " (--outbound-only)" if self.outbound_only else "", host, welcome.relay_port)
 
     def _membership_loop(self) -> None:
         failing_since = None
@@ -335,6 +377,8 @@ class RunningNode:
                 self._link.leave(self.node_id, timeout=2.0)
             except SwarmError:
                 pass
+        if self.relay is not None:
+            self.relay.close()
         self.server.stop(grace).wait()
         self.step_server.close()
         self.service.close()

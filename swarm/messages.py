@@ -142,6 +142,7 @@ class JoinRequest:
     pin: LayerRange | None = None
     version: str = ""
     leave_after_s: float = 0.0  # --leave-after: it leaves this many seconds from now (0: no deadline)
+    outbound_only: bool = False  # --outbound-only: reach it through the relay even if it looks reachable
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ class Welcome:
     heartbeat_s: float
     model_name: str
     name: str = ""  # the node's name in the swarm (suffixed when another node has its --name)
+    relay_host: str = ""  # outbound-only: the relay to keep reverse connections to ("": the coordinator's host)
+    relay_port: int = 0  # 0: the node is reachable, no relay
+    relay_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,7 @@ class NodeReport:
     profile_cached: bool = False
     link: Link | None = None  # to the coordinator
     reason: str = ""  # the planner's word on this node
+    outbound_only: bool = False  # reached through the coordinator's relay
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "speed measured on one 2-core machine); by default only nodes off the route do")
     join.add_argument("--leave-after", default=None, metavar="DURATION",
                       help="leave gracefully after this long, e.g. 11h30m for a notebook session (nodes)")
+    join.add_argument("--outbound-only", action="store_true",
+                      help="node: accept no connection from other machines; peers reach this node through the "
+                           "coordinator's relay over connections it opens (a notebook behind NAT; a node the "
+                           "coordinator cannot reach is relayed without it)")
+    join.add_argument("--relay-port", type=int, default=None,
+                      help="coordinator: port outbound-only nodes connect to (default: --port + 2, so 7702); each "
+                           "such node also gets two ports of its own, any free ones")
     add_http(join, "coordinator; default: --port + 80, so 7780")
     add_cache_limit(join)
     join.set_defaults(func=cmd_join)

@@ -46,6 +46,10 @@ def cmd_join(args: argparse.Namespace) -> int:
     leave_after_s = join.parse_duration(args.leave_after) if args.leave_after else None
     if leave_after_s and args.model:
         raise BadInputError("--leave-after is for nodes; the coordinator holds the model and cannot hand it over")
+    if args.outbound_only and args.model:
+        raise BadInputError("--outbound-only is for nodes; every node must be able to reach the coordinator")
+    if args.relay_port is not None and not args.model:
+        raise BadInputError("--relay-port is for the coordinator (the node that runs with --model)")
     if args.cache_limit is not None:
         shardcache.parse_limit(args.cache_limit)  # refused here, before anything starts
         os.environ[shardcache.LIMIT_ENV] = args.cache_limit  # what every eviction in this process reads
@@ -70,15 +74,23 @@ def cmd_join(args: argparse.Namespace) -> int:
             threads=args.threads, n_ctx=args.ctx, max_sessions=args.max_sessions, mdns_interface=args.mdns_interface,
             reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
             http=not args.no_http, http_port=args.http_port, http_host=args.http_host,
-            standbys=not args.no_standbys, standbys_on_route=args.standbys_on_route,
+            standbys=not args.no_standbys, standbys_on_route=args.standbys_on_route, relay_port=args.relay_port,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)
+        print(f"listening on {', '.join(running.listening())} (steps on port {running.step_server.port}, relay for "
+              f"outbound-only nodes on port {running.relay_port})", file=sys.stderr)
+        if running.loopback_only():
+            print("warning: listening on the loopback interface only: no other machine can join; pass "
+                  "--host 0.0.0.0 (or this machine's address) to let them", file=sys.stderr)
         print("on each other machine, run:", file=sys.stderr)
         key_arg = f"--key={shlex.quote(running.key)}"  # also right for a key of the user's that starts with "-"
         print(f"  swarm join --coordinator {running.address} {key_arg}", file=sys.stderr)
         if running.advertiser is not None:
             print(f"  (or on this network: swarm join --swarm {shlex.quote(args.swarm)} {key_arg})", file=sys.stderr)
+        print(f"  (the same command works from behind NAT, e.g. a notebook: such a node is reached through this "
+              f"coordinator's relay; it needs ports {running.address.rsplit(':', 1)[1]} and {running.relay_port} "
+              "open here)", file=sys.stderr)
         if running.http:
             web_host = running.address if running.http.host in ("0.0.0.0", "", "::") else running.http.host + ":0"
             print(f"web page and OpenAI-compatible API: http://{_browser_host(web_host)}:{running.http.port}/ "
@@ -92,10 +104,12 @@ def cmd_join(args: argparse.Namespace) -> int:
     if not key:
         raise BadInputError("a node needs the swarm key: pass --key KEY (the coordinator printed it) or set SWARM_KEY")
     leave_at = time.monotonic() + leave_after_s if leave_after_s else None
+    # An outbound-only node's servers take connections from its own reverse connections only.
+    host = "127.0.0.1" if args.outbound_only and args.host in ("0.0.0.0", "::", "") else args.host
     node = join.start_node(
-        coordinator=args.coordinator, swarm=args.swarm, key=key, name=name, host=args.host,
+        coordinator=args.coordinator, swarm=args.swarm, key=key, name=name, host=host,
         port=args.port or 0, max_memory=max_memory, pin=pin, threads=args.threads, mdns_interface=args.mdns_interface,
-        reprofile=args.reprofile, step_port=args.step_port, leave_at=leave_at,
+        reprofile=args.reprofile, step_port=args.step_port, leave_at=leave_at, outbound_only=args.outbound_only,
     )
     print(f"node {name} serving on port {node.port} (steps on {node.step_port}); looking for the coordinator of "
           f"swarm {args.swarm!r}" + (f" at {args.coordinator}" if args.coordinator else " by mDNS"), file=sys.stderr)

@@ -65,15 +65,18 @@ def show(console: Console, status: dict, rates: dict[str, float] | None = None) 
     console.print("route: " + (" -> ".join(f"{_span(r)} on {name}{how}" for r, name, how in spans) or "none yet"),
                   soft_wrap=True)
     console.print(_nodes_table(nodes))
-    console.print("(c) coordinator, * pinned with --layers, +A:B taken over from a node that failed or left",
-                  style="dim", soft_wrap=True)
+    console.print("(c) coordinator, * pinned with --layers, +A:B taken over from a node that failed or left"
+                  + (", (r) outbound-only: reached through the coordinator's relay"
+                     if any(n.get("outbound_only") for n in nodes) else ""), style="dim", soft_wrap=True)
     console.print(_measured_table(nodes))
     console.print("decode and prefill: cost per byte of weights; a fixed cost per step; the link to the coordinator",
                   style="dim", soft_wrap=True)
     for n in nodes:
         devices = ", ".join(f"{d['name']} ({d['type']})" for d in n["resources"].get("devices", []))
-        notes = [x for x in ((n.get("profile") or {}).get("reason"), n.get("detail"), devices and f"devices {devices}")
-                 if x]
+        relayed = n.get("outbound_only") and ("outbound-only (behind NAT or --outbound-only): hops into it are "
+                                               "relayed through the coordinator")
+        notes = [x for x in ((n.get("profile") or {}).get("reason"), n.get("detail"), devices and f"devices {devices}",
+                             relayed) if x]
         for note in notes:
             console.print(f"  {n['name']}: {note}", soft_wrap=True)
     if status["predicted_decode_tps"]:
@@ -122,7 +125,8 @@ def _nodes_table(nodes: list[dict]) -> Table:
         layers = (_span(n["layers"]) if n["has_layers"] else "-") + ("*" if n["pinned"] else "")
         layers += "".join(f"+{_span(e)}" for e in n.get("extra_layers", []))
         colour = {"ready": "green", "idle": "green", "failed": "red", "backoff": "red"}.get(n["state"], "yellow")
-        table.add_row(n["name"] + (" (c)" if n["is_coordinator"] else ""), layers, n["address"],
+        table.add_row(n["name"] + (" (c)" if n["is_coordinator"] else ""), layers,
+                      n["address"] + (" (r)" if n.get("outbound_only") else ""),
                       Text(n["state"], style=colour),
                       f"{int(r['memory_available']) / (1 << 30):.1f}/{int(r['memory_total']) / (1 << 30):.1f} GB",
                       _mb(r["max_memory"]) if int(r["max_memory"]) else "-", str(r["threads"]))

@@ -15,6 +15,7 @@ Each concept lives in a room of this package (docs/architecture.md has the map):
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,7 +29,7 @@ from ..gguf_file import read_gguf
 from ..layers import LayerRange
 from ..node import Node
 from ..slicing import model_layer_count
-from ..wire import NodeRegistry, check_address
+from ..wire import NodeRegistry, Relay, check_address, split_address
 from . import status
 from .checkpoints import CheckpointDesk
 from .generation import Generation
@@ -45,6 +46,18 @@ from .stepping import Stepper
 from .succession import RecoveryLog, Succession
 
 log = logging.getLogger(__name__)
+
+
+REACH_S = 1.5  # a joining node that does not take a TCP connection this fast is reached through the relay
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port is taken within REACH_S."""
+    try:
+        socket.create_connection((host, port), timeout=REACH_S).close()
+        return True
+    except OSError:
+        return False
 
 
 class Coordinator:
@@ -69,9 +82,13 @@ class Coordinator:
         failover: bool = True,
         step_address: str = "",
         standbys: bool = True, standbys_on_route: bool = False,
+        relay: Relay | None = None,
     ):
         self.model_path = Path(model_path)
         self.swarm = swarm
+        # Outbound-only nodes (behind NAT) are reached through this relay: their address -> its endpoint.
+        self.relay, self._relayed, self._host = relay, {}, split_address(address)[0]
+        self._relay_lock = threading.Lock()
         model = read_gguf(self.model_path)
         self.n_layer = model_layer_count(model)
         if self.n_layer < 3:
@@ -117,11 +134,29 @@ class Coordinator:
         host = request.host or peer_host
         address = check_address(f"{host}:{request.port}")
         steps = check_address(f"{host}:{request.step_port}")
-        member = self.members.admit(request, address, steps,
-                                    lambda x: bool(self.recovery.unreachable((self._hop_of(x),))))
+        endpoint = None
+        if self.relay is not None and (request.outbound_only or not _answers(host, request.port)):
+            # Peers reach it at the relay's ports for it; the same node joining again keeps them.
+            with self._relay_lock:
+                endpoint = self._relayed.get(address) or self._relayed.setdefault(
+                    address, self.relay.open(request.name.strip()))
+            origin = address
+            address, steps = (f"{self._host}:{endpoint.ports[t]}" for t in ("grpc", "steps"))
+        try:
+            member = self.members.admit(request, address, steps,
+                                        lambda x: bool(self.recovery.unreachable((self._hop_of(x),))))
+        except BaseException:
+            if endpoint is not None and not any(y.address == address for y in self.members.all()):
+                self._drop_relayed(endpoint.token)
+            raise
+        if endpoint is not None:
+            member.relay_token = endpoint.token
+            log.info("node %s at %s is outbound-only%s: relayed at %s (steps %s)", member.name, origin,
+                     "" if request.outbound_only else " (it did not answer)", address, steps)
         log.info("node %s joined from %s (%s MB for the swarm%s)", member.name, address, member.usable_memory() >> 20,
                  f", pinned to {request.pin}" if request.pin else "")
-        return m.Welcome(member.node_id, HEARTBEAT_S, self.model_path.name, member.name)
+        return m.Welcome(member.node_id, HEARTBEAT_S, self.model_path.name, member.name,
+                         relay_port=self.relay.port if endpoint else 0, relay_token=endpoint.token if endpoint else "")
 
     def heartbeat(self, node_id: str, resources: m.Resources | None) -> bool:
         return self.members.heartbeat(node_id, resources)
@@ -154,6 +189,11 @@ class Coordinator:
         self.succession.clear()
         self.standbys.replanned()
 
+    def _drop_relayed(self, token: str) -> None:
+        with self._relay_lock:
+            self._relayed = {a: e for a, e in self._relayed.items() if e.token != token}
+        self.relay.drop(token)
+
     @staticmethod
     def _hop_of(x: Member) -> RouteHop:
         return RouteHop(x.node_id, x.address, x.pin or LayerRange(0, 1), x.is_self, x.steps)
@@ -161,6 +201,8 @@ class Coordinator:
     def _member_gone(self, x: Member, why: str, detection: str) -> None:
         """A member was removed (lost, left, restarted): stop what ran through it, plan around it."""
         self.peers.forget(x)
+        if x.relay_token and not any(y.address == x.address for y in self.members.all()):
+            self._drop_relayed(x.relay_token)  # its relay ports close; joining again opens new ones
         self.measurer.forget(x.node_id)
         self.standbys.forget(x.node_id)
         held = self.placement.forget(x.node_id).hosted()
@@ -198,6 +240,8 @@ class Coordinator:
 
     def close(self) -> None:
         self._stop.set()
+        if self.relay is not None:
+            self.relay.close()
         self.standbys.stop()
         self.placement.stop()
         self.peers.close()

@@ -28,7 +28,7 @@ def report(swarm: str, model_name: str, n_layer: int, members: Membership, measu
             last_seen_s=0.0 if x.is_self else now - x.last_seen, is_coordinator=x.is_self, pinned=x.pin is not None,
             layers=held.layers, extra_layers=tuple(held.extra), detail=x.detail,
             profile=probed.profile if probed else None, profile_cached=bool(probed and probed.cached),
-            link=measurer.link_to_me(x.node_id), reason=held.reason,
+            link=measurer.link_to_me(x.node_id), reason=held.reason, outbound_only=bool(x.relay_token),
         ))
     state, detail, predicted, measured, n_measured = placement.report()
     s = placement.settings

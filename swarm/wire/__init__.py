@@ -9,6 +9,7 @@
     nodes.py           a node over the network (`RemoteNode`), as the coordinator and peers hold it
     coordinator.py     the coordinator over the network (`CoordinatorLink`), for nodes and clients
     servicers.py       the thin gRPC services in front of a node and a coordinator
+    relay.py           reverse connections through a relay, for nodes that accept no inbound connection
 
 Everything above the wire speaks `messages.py`, LayerRange and SamplingParams.
 """
@@ -19,11 +20,12 @@ from .codes import from_rpc, status_for
 from .convert import KV_PIECE
 from .coordinator import CoordinatorLink
 from .nodes import NodeRegistry, RemoteNode
+from .relay import Relay, RelayClient
 from .servicers import CoordinatorServicer, NodeServicer
 from .steps import StepContext, StepLinks, StepServer
 
 __all__ = [
     "tls", "MAX_MESSAGE", "KV_PIECE", "channel", "check_address", "new_key", "server", "split_address", "from_rpc",
     "status_for", "CoordinatorLink", "NodeRegistry", "RemoteNode", "CoordinatorServicer", "NodeServicer",
-    "StepContext", "StepLinks", "StepServer",
+    "StepContext", "StepLinks", "StepServer", "Relay", "RelayClient",
 ]

@@ -133,7 +133,7 @@ def probe_result_of(r: pb.ProbeReply) -> m.ProbeResult:
 def join_pb(j: m.JoinRequest) -> pb.JoinRequest:
     out = pb.JoinRequest(name=j.name, host=j.host, port=j.port, step_port=j.step_port,
                          resources=resources_pb(j.resources), has_pin=j.pin is not None, version=j.version,
-                         leave_after_s=j.leave_after_s)
+                         leave_after_s=j.leave_after_s, outbound_only=j.outbound_only)
     if j.pin is not None:
         out.pin.CopyFrom(span(j.pin))
     return out
@@ -143,7 +143,7 @@ def join_of(r: pb.JoinRequest) -> m.JoinRequest:
     return m.JoinRequest(name=r.name, port=int(r.port), step_port=int(r.step_port),
                          resources=resources_of(r.resources), host=r.host,
                          pin=layers_of(r.pin) if r.has_pin else None, version=r.version,
-                         leave_after_s=float(r.leave_after_s))
+                         leave_after_s=float(r.leave_after_s), outbound_only=r.outbound_only)
 
 
 # ---------------------------------------------------------------- a pipeline step

@@ -55,7 +55,8 @@ class CoordinatorLink:
 
     def join(self, request: m.JoinRequest, timeout: float = 10.0) -> m.Welcome:
         reply = self._call("Join", cv.join_pb(request), timeout)
-        return m.Welcome(reply.node_id, reply.heartbeat_interval_s, reply.model_name, reply.name)
+        return m.Welcome(reply.node_id, reply.heartbeat_interval_s, reply.model_name, reply.name,
+                         reply.relay_host, int(reply.relay_port) if reply.outbound_only else 0, reply.relay_token)
 
     def heartbeat(self, node_id: str, resources: m.Resources | None, timeout: float = 3.0) -> bool:
         """Whether the coordinator still knows this node (False: it restarted; join again)."""

@@ -92,7 +92,9 @@ class CoordinatorServicer(pbg.CoordinatorServicer):
     def Join(self, request, context):
         welcome = self.c.join(cv.join_of(request), _peer_host(context.peer()))
         return pb.JoinReply(node_id=welcome.node_id, heartbeat_interval_s=welcome.heartbeat_s,
-                            model_name=welcome.model_name, name=welcome.name)
+                            model_name=welcome.model_name, name=welcome.name,
+                            outbound_only=bool(welcome.relay_port), relay_host=welcome.relay_host,
+                            relay_port=welcome.relay_port, relay_token=welcome.relay_token)
 
     @served
     def Heartbeat(self, request, context):
