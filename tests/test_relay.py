@@ -13,7 +13,7 @@ import pytest
 
 from swarm.wire import relay as rl
 
-KEY = "relay-test-key"
+KEY = "relay-test-key-of-the-tests"
 
 
 class Echo:
@@ -160,16 +160,17 @@ def test_a_peer_of_a_node_that_is_gone_is_closed_at_once(lab):
 
 def test_a_node_without_the_key_is_refused(lab):
     relay, node = lab
-    e, client = node(key="another-key")
+    e, client = node(key="another-key-of-another-swarm")
     assert _wait(lambda: client.refused is not None)
     assert not client.connected.is_set()
     ep = relay.endpoint(e.token)
     assert ep.control is None and ep.pool == []
     # Nor is an unknown token taken, whatever the mac.
     with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(rl.REVERSE)
         challenge = rl.recv_frame(s)
-        rl.send_frame(s, t="hello", kind="control", token="nope", nonce="x",
-                      mac=rl.mac(KEY, "control", "nope", challenge["nonce"]))
+        rl.send_frame(s, t="hello", kind="reverse", token="nope", nonce="x",
+                      mac=rl.mac(KEY, "reverse", "nope", challenge["nonce"]))
         assert rl.recv_frame(s)["t"] == "refused"
 
 

@@ -17,10 +17,13 @@ import logging
 import secrets
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
+
+from . import tls
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ PING_S = 5.0
 SILENT_S = 15.0  # a control connection silent this long is dead
 MAX_FRAME = 4096
 TARGETS = ("grpc", "steps")
+CONTROL, REVERSE = b"C", b"R"  # a connection's first byte: a control connection (TLS follows) or a reverse one
 
 
 def mac(key: str, *parts: str) -> str:
@@ -190,6 +194,11 @@ class Relay:
     def _greet(self, sock: socket.socket) -> None:
         try:
             sock.settimeout(10.0)
+            first = _exact(sock, 1)
+            if first == CONTROL:  # control frames travel in mutual TLS, like every link of the swarm
+                sock = tls.credentials(self.key).wrap_server(sock)
+            elif first != REVERSE:
+                raise ValueError("not a relay connection")
             nonce = secrets.token_hex(16)
             send_frame(sock, t="challenge", nonce=nonce)
             hello = recv_frame(sock)
@@ -330,6 +339,14 @@ class RelayClient:
     def _dial(self, kind: str) -> socket.socket:
         sock = _tune(socket.create_connection(self.relay, timeout=10.0))
         try:
+            if kind == "control":
+                sock.sendall(CONTROL)
+                try:
+                    sock = tls.credentials(self.key).wrap_client(sock)
+                except ssl.SSLError as e:
+                    raise PermissionError(f"the relay is not of this swarm's key ({e.reason or e})") from None
+            else:  # a reverse connection carries a peer's own TLS end to end: no second layer
+                sock.sendall(REVERSE)
             challenge = recv_frame(sock)
             nonce = secrets.token_hex(16)
             send_frame(sock, t="hello", kind=kind, token=self.token, nonce=nonce,
