@@ -233,3 +233,25 @@ def test_bad_addresses_and_ports_are_clear_errors():
         busy.listen()
         with pytest.raises(BadInputError, match="--step-port"):
             steps.StepServer("127.0.0.1", busy.getsockname()[1], KEY)
+
+
+def test_a_flood_of_silent_connections_is_bounded_and_the_server_keeps_serving(served, monkeypatch):
+    monkeypatch.setattr(steps, "HELLO_TIMEOUT_S", 3.0)
+    s = served()
+    links = steps.StepLinks(KEY)
+    assert links.call(s.address, _step(1), timeout=10).result().token == 1  # a connection of the swarm's
+    flood = [socket.create_connection(split_address(s.address), timeout=10) for _ in range(steps.MAX_PENDING + 40)]
+    try:
+        deadline = time.monotonic() + 0.8
+        while s.server.refused < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.server.refused >= 30 and s.server._pending == steps.MAX_PENDING  # past the limit: closed at once
+        for i in range(5):  # the connection it had keeps serving through the flood
+            assert links.call(s.address, _step(10 + i), timeout=10).result().token == 10 + i
+        with pytest.raises(UnreachableError):  # a new one waits for the flood's handshakes to time out
+            steps.StepLinks(KEY).call(s.address, _step(2), timeout=10).result()
+        time.sleep(3.5)  # ... which they do, unserved
+        assert steps.StepLinks(KEY).call(s.address, _step(3), timeout=10).result().token == 3
+    finally:
+        for c in flood:
+            c.close()

@@ -30,6 +30,7 @@ CHANNEL_OPTIONS = [
 ]
 SERVER_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.server_handshake_timeout_ms", 10_000),  # a connection that does not finish its TLS handshake
     ("grpc.so_reuseport", 0),
 ]
 NO_KEY = "this swarm needs its key: pass --key KEY or set SWARM_KEY (the coordinator printed it when it started)"

@@ -30,6 +30,7 @@ error frame and the connection stays usable. The node keeps serving every other 
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 import ssl
@@ -49,11 +50,14 @@ from .channels import MAX_MESSAGE, split_address
 from .codes import from_rpc, status_for
 from .convert import step_of, step_pb, step_result_of, step_result_pb
 
+log = logging.getLogger(__name__)
+
 MAGIC = b"SWSTEP2\0"
 REQUEST, REPLY, ERROR = 1, 2, 3
 _HEAD = struct.Struct("<IB")
 HELLO_TIMEOUT_S = 10.0  # a connection may not hold a thread longer before its handshake and hello
 MAX_CONNECTIONS = 256
+MAX_PENDING = 32  # connections not through their handshake and hello yet (each for HELLO_TIMEOUT_S at most)
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -160,6 +164,9 @@ class StepServer:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._pending = 0  # connections in their TLS handshake or hello
+        self._warned = 0.0
+        self.refused = 0  # connections closed unserved because of the limits
 
     def start(self, handler: Callable[[m.Step, StepContext], m.StepResult]) -> None:
         self._handler = handler
@@ -186,13 +193,16 @@ class StepServer:
                 time.sleep(0.05)  # out of file descriptors, for one: try again shortly
                 continue
             with self._lock:
-                full = len(self._conns) >= MAX_CONNECTIONS
+                full = len(self._conns) >= MAX_CONNECTIONS or self._pending >= MAX_PENDING
                 if not full:
                     self._conns.add(conn)
-            if full:
-                with contextlib.suppress(OSError):
-                    conn.sendall(_error_frame(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                              f"this node serves at most {MAX_CONNECTIONS} step connections"))
+                    self._pending += 1
+            if full:  # closed before TLS: a caller of the swarm sees the connection refused and says so
+                self.refused += 1
+                if time.monotonic() - self._warned > 60:
+                    self._warned = time.monotonic()
+                    log.warning("step stream: refusing connections (%d open, %d in their handshake; at most %d and "
+                                "%d): a flood?", len(self._conns), self._pending, MAX_CONNECTIONS, MAX_PENDING)
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="step", daemon=True).start()
@@ -202,11 +212,17 @@ class StepServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             conn.settimeout(HELLO_TIMEOUT_S)
-            plain, conn = conn, self._creds.wrap_server(conn)  # a peer without the swarm's certificate ends here
-            with self._lock:
-                self._conns.discard(plain)
-                self._conns.add(conn)
-            if self._hello(conn):
+            plain = conn
+            try:
+                conn = self._creds.wrap_server(conn)  # without the swarm's certificate: ends here
+                ok = self._hello(conn)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    if conn is not plain:
+                        self._conns.discard(plain)
+                        self._conns.add(conn)
+            if ok:
                 self._steps(conn)
         except (OSError, EOFError):
             pass  # the caller went away, or failed the handshake
