@@ -140,3 +140,48 @@ def test_a_rogue_coordinator_on_mdns_is_passed_over_and_learns_nothing(tmp_path,
             node.stop()
         if swarm is not None:
             swarm.close()
+
+
+def test_abuse_meets_limits_with_clear_errors_and_the_running_session_goes_on(tmp_path, model_path, reference):
+    from swarm.errors import BadInputError, NotReadyError
+
+    swarm = Swarm(tmp_path, model_path, ["--layers", "0:9", "--max-sessions", "1"], [["--layers", "9:18"]])
+    flood: list[socket.socket] = []
+    try:
+        client = swarm.wait_ready()
+        node = next(n for n in client.status()["nodes"] if n["name"] == "node0")
+        prompt = "The history of the printing press"
+        gen = client.generate(prompt, max_tokens=48)
+        pieces = iter(gen)
+        next(pieces)  # the session runs
+        for address in (swarm.address, node["address"], node["step_address"]):  # silent, half-open handshakes
+            host, port = address.rsplit(":", 1)
+            flood += [socket.create_connection((host, int(port)), timeout=10) for _ in range(60)]
+        others: list = []
+
+        def other(i):
+            try:
+                with SwarmClient(swarm.address, key=swarm.key) as c:
+                    others.append(c.complete(f"Count to {i}:", max_tokens=2))
+            except NotReadyError as e:
+                others.append(e)
+
+        threads = [threading.Thread(target=other, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        with SwarmClient(swarm.address, key=swarm.key) as c:
+            with pytest.raises(BadInputError, match="longer than"):
+                c.complete("x" * ((1 << 20) + 1), max_tokens=1)
+            with pytest.raises(BadInputError, match="at most 1024 messages"):
+                c.chat_complete([{"role": "user", "content": "hi"}] * 1025, max_tokens=1)
+        for _ in pieces:
+            pass
+        for t in threads:
+            t.join(120)
+        assert any(isinstance(o, NotReadyError) and "busy" in str(o) for o in others), others
+        _, expected, _ = reference.run(prompt, 48)
+        assert gen.result.tokens == expected  # the session it had went on, token for token
+    finally:
+        for s in flood:
+            s.close()
+        swarm.close()
