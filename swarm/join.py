@@ -299,12 +299,18 @@ class RunningNode:
         if self.relay is not None and (not welcome.relay_port or self.relay.token != welcome.relay_token):
             self.relay.close()
             self.relay = None
+            wire.dialout.set_via(None)
         if welcome.relay_port and self.relay is None:
             host = welcome.relay_host or wire.split_address(self.coordinator_address)[0]
             self.relay = wire.RelayClient((host, welcome.relay_port), welcome.relay_token, self.key,
                                           {"grpc": self.port, "steps": self.step_port}, local_host=self._local_host)
-            log.info("the coordinator cannot reach this node%s: peers reach it through the relay at %s:%d",
-                     " (--outbound-only)" if self.outbound_only else "", host, welcome.relay_port)
+            # ... and it reaches every peer but the coordinator through the relay too (dialout.py): behind NAT,
+            # the coordinator's LAN and its addresses there are out of reach.
+            wire.dialout.set_via(wire.dialout.Via((host, welcome.relay_port), welcome.relay_token,
+                                                  frozenset({self.coordinator_address})))
+            log.info("the coordinator cannot reach this node%s: peers reach it through the relay at %s:%d, and "
+                     "it reaches them through the relay too", " (--outbound-only)" if self.outbound_only else "",
+                     host, welcome.relay_port)
 
     def _membership_loop(self) -> None:
         failing_since = None

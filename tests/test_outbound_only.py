@@ -26,7 +26,7 @@ from procs import Swarm
 from swarm.models import gemma_path
 
 N = 96
-KEY = "outbound-key"
+KEY = "outbound-key-of-the-tests"
 
 
 @pytest.fixture(scope="module")

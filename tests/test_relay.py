@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import grpc
 import pytest
 
 from swarm.wire import relay as rl
@@ -182,3 +183,64 @@ def test_the_key_itself_never_crosses(lab, monkeypatch):
     e, client = node()
     assert client.connected.wait(5)
     assert sent and not any(KEY in str(v) for obj in sent for v in obj.values())
+
+
+def test_a_relayed_node_dials_out_through_the_relay_only_to_the_swarms_addresses(lab):
+    from swarm import messages as m
+    from swarm.layers import LayerRange
+    from swarm.wire import dialout, steps
+
+    relay, node = lab
+    e, _ = node()
+    member = Echo(b"M")  # a peer behind the coordinator's NAT, say
+    outsider = Echo(b"O")  # an address of the coordinator's network that is no member
+    server = steps.StepServer("127.0.0.1", 0, KEY)  # a member's step stream, reached through the relay
+    server.start(lambda step, ctx: m.StepResult(token=step.start))
+    members = {("127.0.0.1", member.port), ("127.0.0.1", server.port)}
+    relay.allowed = lambda host, port: (host, port) in members
+    try:
+        dialout.set_via(dialout.Via(("127.0.0.1", relay.port), e.token, frozenset({f"127.0.0.1:{outsider.port}"})))
+        with dialout.connect(("127.0.0.1", member.port), timeout=10) as s:  # through the relay, spliced
+            s.sendall(b"hi")
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(100):
+                got += chunk
+            assert got == b"Mhi"
+        links = steps.StepLinks(KEY)  # the step stream's own TLS, end to end through the relay
+        assert links.call(f"127.0.0.1:{server.port}", m.Step("s", 7, (1,), LayerRange(0, 6)), timeout=10).result().token == 7
+        links.close()
+        from swarm._proto import swarm_pb2 as pb
+        from swarm._proto import swarm_pb2_grpc as pbg
+        from swarm.wire import channels
+
+        class Status(pbg.CoordinatorServicer):
+            def Status(self, request, context):
+                return pb.StatusReply(state="ready")
+
+        srv, port = channels.server("127.0.0.1", 0, KEY)
+        pbg.add_CoordinatorServicer_to_server(Status(), srv)
+        srv.start()
+        members.add(("127.0.0.1", port))
+        try:  # gRPC over its own mutual TLS, through the relay (its `grpc.http_proxy`)
+            with channels.channel(f"127.0.0.1:{port}", KEY) as ch:
+                assert pbg.CoordinatorStub(ch).Status(pb.StatusRequest(), timeout=10).state == "ready"
+            members.discard(("127.0.0.1", port))  # ... and only through it: refused there, the call fails
+            with channels.channel(f"127.0.0.1:{port}", KEY) as ch:
+                with pytest.raises(grpc.RpcError):
+                    pbg.CoordinatorStub(ch).Status(pb.StatusRequest(), timeout=5)
+        finally:
+            srv.stop(0)
+        with pytest.raises(ConnectionRefusedError, match="403"):  # the relay is no open proxy
+            members.discard(("127.0.0.1", member.port))
+            dialout.connect(("127.0.0.1", member.port), timeout=10)
+        with dialout.connect(("127.0.0.1", outsider.port), timeout=10) as s:  # `direct`: dialled as it is
+            assert s.recv(1) == b"O"
+        dialout.set_via(dialout.Via(("127.0.0.1", relay.port), "not-a-token", frozenset()))
+        with pytest.raises(ConnectionRefusedError, match="407"):
+            dialout.connect(("127.0.0.1", server.port), timeout=10)
+    finally:
+        dialout.set_via(None)
+        server.close()
+        member.close()
+        outsider.close()

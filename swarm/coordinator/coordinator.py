@@ -89,6 +89,8 @@ class Coordinator:
         # Outbound-only nodes (behind NAT) are reached through this relay: their address -> its endpoint.
         self.relay, self._relayed, self._host = relay, {}, split_address(address)[0]
         self._relay_lock = threading.Lock()
+        if relay is not None:
+            relay.allowed = self._is_member_address  # where relayed nodes may dial out through it
         model = read_gguf(self.model_path)
         self.n_layer = model_layer_count(model)
         if self.n_layer < 3:
@@ -188,6 +190,11 @@ class Coordinator:
         """A plan was loaded: the successors of earlier losses are part of it or gone, and so are the standbys."""
         self.succession.clear()
         self.standbys.replanned()
+
+    def _is_member_address(self, host: str, port: int) -> bool:
+        """Whether HOST:PORT is where a member of the swarm (this coordinator's own node included) serves."""
+        target = f"{host}:{port}"
+        return any(target in (x.address, x.steps) for x in self.members.all())
 
     def _drop_relayed(self, token: str) -> None:
         with self._relay_lock:

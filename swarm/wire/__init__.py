@@ -1,5 +1,6 @@
 """The wire: everything that crosses the network, and the only place protobuf appears.
 
+    dialout.py         a relayed node dialling out through the relay (HTTP CONNECT)
     tls.py             mutual TLS: the certificate authority the swarm key stands for, credentials
     channels.py        gRPC channels and servers over mutual TLS
     codes.py           swarm errors <-> gRPC status codes, once at each end
@@ -14,7 +15,7 @@
 Everything above the wire speaks `messages.py`, LayerRange and SamplingParams.
 """
 
-from . import tls
+from . import dialout, tls
 from .channels import MAX_MESSAGE, channel, check_address, new_key, server, split_address
 from .codes import from_rpc, status_for
 from .convert import KV_PIECE
@@ -25,7 +26,7 @@ from .servicers import CoordinatorServicer, NodeServicer
 from .steps import StepContext, StepLinks, StepServer
 
 __all__ = [
-    "tls", "MAX_MESSAGE", "KV_PIECE", "channel", "check_address", "new_key", "server", "split_address", "from_rpc",
+    "dialout", "tls", "MAX_MESSAGE", "KV_PIECE", "channel", "check_address", "new_key", "server", "split_address", "from_rpc",
     "status_for", "CoordinatorLink", "NodeRegistry", "RemoteNode", "CoordinatorServicer", "NodeServicer",
     "StepContext", "StepLinks", "StepServer", "Relay", "RelayClient",
 ]

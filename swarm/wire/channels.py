@@ -9,7 +9,7 @@ from concurrent import futures
 import grpc
 
 from ..errors import BadInputError
-from . import tls
+from . import dialout, tls
 
 # gRPC's own limit sits above any legitimate message (a 512-position batch of a 16k-wide model is
 # 32 MB), so that oversized requests reach the handlers and get a precise INVALID_ARGUMENT there, and
@@ -61,7 +61,7 @@ def split_address(address: str) -> tuple[str, int]:
 def channel(address: str, key: str) -> grpc.Channel:
     """A mutual-TLS channel to `address`, with this process's certificate of the swarm of `key`."""
     return grpc.secure_channel(address, tls.credentials(key).channel_credentials(),
-                               options=CHANNEL_OPTIONS + tls.CHANNEL_OPTIONS)
+                               options=CHANNEL_OPTIONS + tls.CHANNEL_OPTIONS + dialout.grpc_options(address))
 
 
 def server(host: str, port: int, key: str) -> tuple[grpc.Server, int]:

@@ -22,8 +22,9 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from . import tls
+from . import dialout, tls
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,8 @@ class Relay:
 
     def __init__(self, host: str, port: int, key: str):
         self.key, self.host = key, host
+        # Where a relayed node may dial out through the relay: the swarm's members (the coordinator sets it).
+        self.allowed: Callable[[str, int], bool] = lambda host, port: False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._endpoints: dict[str, Endpoint] = {}
@@ -194,6 +197,9 @@ class Relay:
     def _greet(self, sock: socket.socket) -> None:
         try:
             sock.settimeout(10.0)
+            if sock.recv(2, socket.MSG_PEEK) == b"CO":  # an outbound-only node dialling out (dialout.py)
+                dialout.serve_connect(sock, lambda t: t in self._endpoints, self.allowed, splice)
+                return
             first = _exact(sock, 1)
             if first == CONTROL:  # control frames travel in mutual TLS, like every link of the swarm
                 sock = tls.credentials(self.key).wrap_server(sock)

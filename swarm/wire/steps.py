@@ -45,7 +45,7 @@ from google.protobuf.message import DecodeError
 from .. import messages as m
 from .._proto import swarm_pb2 as pb
 from ..errors import BadInputError, CancelledError, SwarmError
-from . import tls
+from . import dialout, tls
 from .channels import MAX_MESSAGE, split_address
 from .codes import from_rpc, status_for
 from .convert import step_of, step_pb, step_result_of, step_result_pb
@@ -380,7 +380,7 @@ class StepLinks:
         head = b""
         if conn is None:
             try:
-                raw = socket.create_connection(split_address(address), timeout=min(timeout, 10.0))
+                raw = dialout.connect(split_address(address), timeout=min(timeout, 10.0))
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError as e:
