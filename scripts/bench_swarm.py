@@ -71,7 +71,7 @@ class ProcSwarm:
 
         ranges = split_evenly(model_layer_count(read_gguf(model)), nodes)
         port, key = free_port(), wire.new_key()
-        self.address = f"127.0.0.1:{port}"
+        self.address, self.key, self.code = f"127.0.0.1:{port}", key, code
         common = ["--host", "127.0.0.1", "--mdns-interface", "off", "--threads", str(threads)]
         commands = [["--model", str(model), "--port", str(port), "--key", key, "--ctx", "1024", "--max-sessions", str(max_sessions),
                      "--swarm", f"bench-{os.getpid()}-{nodes}", "--name", "coordinator", "--layers", str(ranges[0])]]
@@ -86,7 +86,8 @@ class ProcSwarm:
             with open(log_dir / f"bench-swarm{nodes}{label}-{i}.log", "wb") as out:
                 self.procs.append(subprocess.Popen([sys.executable, "-m", "swarm.cli", "join", *args, *common],
                                                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=code))
-        self.client = SwarmClient(self.address, key=key)
+        # A swarm of other code gets a client of that code (a process of its own): the wire may differ.
+        self.client = CodeClient(code, self.address, key) if code else SwarmClient(self.address, key=key)
         deadline = time.monotonic() + 600
         while True:
             try:
@@ -107,7 +108,82 @@ class ProcSwarm:
         self.client.close()
 
 
+# The client of another checkout's code: the same calls, made by that code in a process of its own.
+CLIENT = r"""
+import json, statistics, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from swarm.client import SwarmClient
+import bench_swarm
+client = SwarmClient(sys.argv[3], key=sys.argv[4])
+def answer(what, arg):
+    if what == "status":
+        return client.status()
+    if what == "complete":
+        return client.complete("Hello", max_tokens=4).tokens
+    if what == "run":
+        return bench_swarm.run_swarm(client, int(arg))
+    return bench_swarm.connect_ms(SwarmClient, sys.argv[3], sys.argv[4], int(arg))
+for line in sys.stdin:
+    what, _, arg = line.strip().partition(" ")
+    try:
+        out = {"answer": answer(what, arg)}
+    except Exception as e:
+        out = {"error": repr(e)}
+    print(json.dumps(out), flush=True)
+"""
+
+
+class CodeClient:
+    """A SwarmClient of another checkout, in a process of its own, for the calls the benchmarks make."""
+
+    def __init__(self, code: str, address: str, key: str):
+        scripts = os.path.dirname(os.path.abspath(__file__))
+        self._p = subprocess.Popen([sys.executable, "-c", CLIENT, code, scripts, address, key], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, cwd=code)
+
+    def _ask(self, line: str):
+        self._p.stdin.write(line + "\n")
+        self._p.stdin.flush()
+        answer = self._p.stdout.readline()
+        if not answer:
+            raise RuntimeError("the other code's client ended")
+        out = json.loads(answer)
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out["answer"]
+
+    def status(self) -> dict:
+        return self._ask("status")
+
+    def complete(self, prompt: str, max_tokens: int = 4):
+        return self._ask("complete")
+
+    def run(self, n_decode: int) -> dict:
+        return self._ask(f"run {n_decode}")
+
+    def connect(self, n: int) -> dict:
+        return self._ask(f"connect {n}")
+
+    def close(self) -> None:
+        self._p.kill()
+
+
+def connect_ms(client_class, address: str, key: str, n: int) -> dict:
+    """Time for a new client to be answered: a fresh channel (TCP, and TLS where the code has it) and one
+    status call, `n` times; the first includes what a process does once (for TLS: deriving the swarm's
+    authority and its own certificate)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with client_class(address, key=key) as c:
+            c.status()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return {"first_ms": times[0], "median_ms": statistics.median(times[1:] or times)}
+
+
 def run_swarm(client, n_decode: int) -> dict:
+    if isinstance(client, CodeClient):
+        return client.run(n_decode)
     t0 = time.perf_counter()
     gen = client.generate(PROMPT, max_tokens=n_decode, timings=True)
     first = None
@@ -157,6 +233,7 @@ def main() -> int:
     ap.add_argument("--nodes", default="1,2,3", help="swarm sizes to measure (default 1,2,3)")
     ap.add_argument("--decode", type=int, default=128, help="tokens generated per round")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads everywhere (default: physical cores)")
+    ap.add_argument("--connects", type=int, default=21, help="new channels timed per swarm (default 21)")
     ap.add_argument("--baseline", metavar="DIR", help="also run the swarms with the code of this checkout, in turn with "
                     "the others (e.g. a `git worktree` of an older commit)")
     args = ap.parse_args()
@@ -183,6 +260,14 @@ def main() -> int:
                                                               code=os.path.abspath(args.baseline))
         refs, runs = take_turns(ref, swarms, args.rounds, lambda client: run_swarm(client, args.decode))
         results = {"llama-cpp-python": refs} | runs
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        connects = {}
+        for name, s in swarms.items():  # a fresh client process of each swarm's own code
+            probe = CodeClient(s.code or here, s.address, s.key)
+            try:
+                connects[name] = probe.connect(args.connects)
+            finally:
+                probe.close()
     finally:
         for s in swarms.values():
             s.close()
@@ -208,6 +293,17 @@ def main() -> int:
               f"{m['median_step_ms']:.2f} ({base['median_step_ms'] / m['median_step_ms']:.0%}) | "
               f"{m['compute_ms']:.2f} ms | {m['serialization_ms']:.2f} ms | {m['sampling_ms']:.2f} ms | "
               f"{m['network_ms']:.2f} ms |")
+    print(f"\nA new client process: its first answer (once per process), then the median of {args.connects - 1} "
+          "new channels (TCP and TLS handshakes, one status call)\n")
+    from swarm.wire import tls
+    tls._authority.cache_clear()
+    t0 = time.perf_counter()
+    tls.credentials(tls.check_key(wire_key := "a-fresh-key-" + os.urandom(8).hex()))
+    print(f"(this code, once per process and key: the swarm's authority and this process's certificate take "
+          f"{1e3 * (time.perf_counter() - t0):.0f} ms; key {wire_key[:12]}...)\n")
+    print("| configuration | first answer ms | new channel ms (median) |\n|---|---|---|")
+    for c, t in connects.items():
+        print(f"| {c} | {t['first_ms']:.1f} | {t['median_ms']:.2f} |")
     return 0
 
 

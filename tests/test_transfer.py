@@ -75,17 +75,19 @@ def source(tmp_path) -> tuple[Path, bytes]:
     return path, data
 
 
+KEY = "transfer-key-of-the-tests"
+
+
 @pytest.fixture
 def serve():
     """Start a real gRPC server for a servicer; returns the fetch a node uses (the wire's, over gRPC)."""
     servers, channels = [], []
 
     def start(servicer):
-        server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        server, port = wire.server("127.0.0.1", 0, KEY)  # mutual TLS, as in the swarm
         pbg.add_CoordinatorServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
         server.start()
-        link = wire.CoordinatorLink(f"127.0.0.1:{port}", "test-key")
+        link = wire.CoordinatorLink(f"127.0.0.1:{port}", KEY)
         servers.append(server)
         channels.append(link)
         return link.fetch

@@ -66,15 +66,17 @@ def grpc_options(address: str) -> list[tuple[str, object]]:
 
 
 def _head(sock: socket.socket) -> bytes:
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(MAX_HEAD - len(head))
+    """The head of a CONNECT request or reply, read a byte at a time: the bytes after it (a server that
+    speaks first) belong to the tunnel and must stay in the socket."""
+    head = bytearray()
+    while not head.endswith(b"\r\n\r\n"):
+        if len(head) >= MAX_HEAD:
+            raise ValueError("a CONNECT head over 4 KB")
+        chunk = sock.recv(1)
         if not chunk:
             raise ConnectionError("the connection closed in its CONNECT head")
         head += chunk
-        if len(head) >= MAX_HEAD and b"\r\n\r\n" not in head:
-            raise ValueError("a CONNECT head over 4 KB")
-    return head
+    return bytes(head)
 
 
 def connect(address: tuple[str, int], timeout: float) -> socket.socket:
