@@ -262,7 +262,16 @@ def apply(full, deltas: list) -> bytes:
     return _pick(parts, picks, parts[0][1].prefix)
 
 
-def fill_window(payload, lay: Layout) -> tuple[bytes, int]:
+def check_positions(payload, lay: Layout, n_past: int) -> None:
+    """Refuse a state with a cell outside positions 0..n_past-1 (KVStateError): damaged or forged, it would
+    hold positions its header does not admit, and `fill_window` would put back that many placeholder cells."""
+    for pos in positions(payload, lay) or ():
+        if len(pos) and (int(pos.min()) < 0 or int(pos.max()) >= n_past):
+            raise KVStateError(f"KV state holds a cell at position {int(pos.max()) if pos.max() >= n_past else int(pos.min())}"
+                               f" but says it holds {n_past} positions; it is damaged, export it again")
+
+
+def fill_window(payload, lay: Layout, n_past: int) -> tuple[bytes, int]:
     """The state with every window cache's dropped cells put back as placeholders; (payload, first real
     position of a window cache, 0 when none was filled).
 
@@ -273,12 +282,14 @@ def fill_window(payload, lay: Layout) -> tuple[bytes, int]:
     Placeholder cells for positions 0..first-1 (zero K and V, masked like the old ones: they lie outside
     the window of every position that follows) put each real cell back where it was, so the importer
     computes bit for bit what the exporter would. Streams whose cells are not consecutive ascending
-    positions are left as they are.
+    positions are left as they are. `n_past`: the positions the state holds (its header's), which bounds
+    the placeholders; a cell beyond it is refused first (`check_positions`).
     """
     data = memoryview(payload)
     held = positions(payload, lay)
     if held is None:
         return bytes(payload), 0
+    check_positions(payload, lay, n_past)
     out, i, filled = [lay.prefix], 0, 0
     at = len(lay.prefix)
     for streams in lay.caches:

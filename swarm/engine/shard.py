@@ -382,10 +382,13 @@ class Shard:
         window_start = 0
         if payload:
             try:
-                payload, window_start = kvstate.fill_window(payload, kvstate.layout(payload))
+                lay = kvstate.layout(payload)
             except KVStateError as e:  # a layout this version does not know: loaded as llama.cpp wrote it
                 log.warning("KV state of shard %s not understood (%s); past a sliding window, the next steps may "
                             "round differently from the exporter's", self.layers, e)
+            else:
+                kvstate.check_positions(payload, lay, n_past)  # cells beyond its length: damaged, refused
+                payload, window_start = kvstate.fill_window(payload, lay, n_past)
         with self._lock:
             if session not in self._sessions:
                 self.open_session(session)
