@@ -51,7 +51,10 @@ def forge(blob_head: dict, payload: bytes, head_edits: dict | None = None) -> by
 def shift_positions(payload: bytes, stream: int, by: int) -> bytes:
     """The state with every cell of one stream moved `by` positions (still consecutive: past the checks that
     single edits trip)."""
-    lay = kvstate.layout(payload)
+    try:
+        lay = kvstate.layout(payload)
+    except KVStateError:
+        return payload  # (damaged already: nothing to shift)
     streams = [s for c in lay.caches for s in c if s.cells and s.uniform]
     if not streams:
         return payload

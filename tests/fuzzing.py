@@ -350,10 +350,19 @@ class Target:
         return outcome == "closed" and len(frames) == 1 and frames[0][0] == steps.ERROR and \
             steps._parse_error(frames[0][1]).code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    def threads(self) -> int:
+    def step_connections(self) -> int:
+        """Step connections the coordinator still holds (each has a serving thread): 0 once callers left."""
         import psutil
 
-        return psutil.Process(self.pid).num_threads()
+        port = _split(self.step_address)[1]
+        return sum(1 for c in psutil.Process(self.pid).net_connections("tcp")
+                   if c.laddr and c.laddr.port == port and c.status != psutil.CONN_LISTEN)
+
+    def wait_connections_closed(self, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        while (n := self.step_connections()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return n
 
 
 def _split(address: str) -> tuple[str, int]:
