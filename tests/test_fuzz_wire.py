@@ -7,6 +7,8 @@ random bytes, lying lengths, unknown kinds and cut-short frames. Each must end i
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
@@ -92,3 +94,30 @@ def test_step_stream_takes_bad_frames(target):
     run()
     left = target.wait_connections_closed()
     assert not left, f"{left} step connections (and their threads) left open after their callers closed them"
+
+
+def test_a_lying_frame_length_costs_no_memory_before_its_bytes_arrive(target):
+    """A frame header claiming 64 MB, then silence: the node allocated the whole 64 MB at once, per connection
+    (256 of them: 16 GB). Now what it holds grows with the bytes that actually came."""
+    import socket
+
+    import psutil
+
+    process = psutil.Process(target.pid)
+    before = process.memory_info().rss
+    conns = []
+    try:
+        for _ in range(8):
+            c = socket.create_connection(fz._split(target.step_address), timeout=10)
+            c.sendall(target.hello() + fz.struct.pack("<IB", fz.MAX_MESSAGE, 1) + b"\0" * 1000)
+            conns.append(c)
+        deadline = time.monotonic() + 1.0
+        grown = 0
+        while time.monotonic() < deadline:
+            grown = max(grown, process.memory_info().rss - before)
+            time.sleep(0.05)
+    finally:
+        for c in conns:
+            c.close()
+    assert grown < 128 << 20, f"8 connections that sent 1 KB each took {grown >> 20} MB"
+    assert target.wait_connections_closed() == 0 and target.step_answers()
