@@ -98,10 +98,12 @@ class Wire:
                     requests = [cls.FromString(fz.mutate(raw, ops))]
                 except DecodeError:
                     return
+            self.target.prepare(method.name)
             self.target.judge(tally, f"{method.name}({requests!r:.400})", *self.target.call(service, method, requests))
             if not self.target.alive() or not self.target.answers():
                 tally.answering = self.target.alive() and self.target.answers()
                 self._restart_if_dead()
+            self.target.restore()
 
         tally.cases = 0
         _drive("grpc", st.one_of(cases), case, budget_s, examples, base_seed)
@@ -236,6 +238,8 @@ def main() -> int:
                 else:
                     raise SystemExit(f"unknown target {name!r}: grpc, steps, kv or gguf")
                 print(tally.line(name) + f"  ({time.monotonic() - t0:.0f} s)", flush=True)
+                if tally.codes:
+                    print("    outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.codes.items())))
                 for kind in ("crashes", "bugs", "hangs"):
                     for what, detail in getattr(tally, kind)[:5]:
                         print(f"    {kind[:-1] if kind != 'crashes' else 'crash'}: {what}\n      -> {str(detail)[:600]}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Tally:
     hangs: list = field(default_factory=list)
     crashes: list = field(default_factory=list)  # the process died
     answering: bool = True  # the server still answered a normal call at the end
+    codes: Counter = field(default_factory=Counter)  # how the cases ended (method and status, or frame)
 
     def ok(self) -> bool:
         return not (self.bugs or self.hangs or self.crashes) and self.answering
@@ -195,6 +197,12 @@ class Target:
         self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 64 << 20),
                                                                     ("grpc.max_send_message_length", 64 << 20)])
         self.metadata = (("swarm-key", KEY),)
+        from swarm.cache import file_digest
+
+        digest = file_digest(model)  # the whole model is the coordinator's shard, loaded where it lies
+        self.assign = pb.AssignRequest(has_shard=True, n_ctx=128, max_sessions=2, n_batch=128, shard=pb.ShardSpec(
+            shard_id=digest, file_name=model.name, size=model.stat().st_size, sha256=digest,
+            layers=pb.LayerSpan(start=0, end=N_LAYER), n_layer_total=N_LAYER))
 
     @property
     def pid(self) -> int:
@@ -244,8 +252,21 @@ class Target:
                 return False
         return True
 
+    def restore(self) -> None:
+        """Load the coordinator's shard again if a fuzzed Assign unloaded it (nothing when it is loaded), so
+        that the next cases reach past "layers not served"."""
+        self.call("Node", pb.DESCRIPTOR.services_by_name["Node"].methods_by_name["Assign"], [self.assign])
+
+    def prepare(self, method_name: str) -> None:
+        """Open the session the seeds name (from empty) before a call that needs one, so that mutations of a
+        valid step, rewind or import reach the shard rather than "unknown session"."""
+        if method_name in ("Forward", "ImportKV", "Rewind", "Resend", "Handoff", "CloseSession"):
+            node = pb.DESCRIPTOR.services_by_name["Node"].methods_by_name
+            self.call("Node", node["OpenSession"], self.seeds()["OpenSession"])
+
     def judge(self, tally: Tally, what: str, code: grpc.StatusCode, details: str) -> None:
         tally.cases += 1
+        tally.codes[f"{what.split('(', 1)[0]} {code.name}"] += 1
         if not self.alive():
             tally.crashes.append((what, self.log_tail()))
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -266,19 +287,20 @@ class Target:
             "Heartbeat": [pb.HeartbeatRequest(node_id="n0")],
             "Leave": [pb.LeaveRequest(node_id="n9", graceful=True)],
             "StoreCheckpoint": [pb.Checkpoint(session_id=SESSION, layers=layers, positions=6, kv=kv)],
-            "FetchShard": [pb.FetchShardRequest(shard_id="x", offset=0)],
+            "FetchShard": [pb.FetchShardRequest(shard_id=self.assign.shard.shard_id, offset=0)],
             "Generate": [pb.GenerateRequest(prompt="hello", max_tokens=2),
                          pb.GenerateRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content="hi")]),
                                             max_tokens=2, stop=["w"])],
             "Status": [pb.StatusRequest()],
-            "Assign": [pb.AssignRequest(has_shard=False, drop=pb.LayerSpan(start=1, end=2))],
+            "Assign": [pb.AssignRequest(has_shard=False, drop=pb.LayerSpan(start=1, end=2)), self.assign],
             "OpenSession": [pb.OpenSessionRequest(session_id=SESSION, layers=layers,
                                                   sampling=pb.Sampling(temperature=0.5, top_k=4), history=[1, 2])],
             "CloseSession": [pb.CloseSessionRequest(session_id="gone")],
             "Forward": [pb.ForwardRequest(session_id=SESSION, start=0, n_positions=2, tokens=[1, 5], layers=layers,
                                           sample=True)],
             "Probe": [pb.ProbeRequest(shards=[pb.ShardSpec(shard_id="x", file_name="x.gguf", layers=layers)],
-                                      decode_steps=1, prefill_tokens=1)],
+                                      decode_steps=1, prefill_tokens=1),
+                      pb.ProbeRequest(shards=[self.assign.shard], decode_steps=2, prefill_tokens=4)],
             "Rewind": [pb.RewindRequest(session_id=SESSION, layers=layers, length=0)],
             "ImportKV": [pb.ImportKVRequest(session_id=SESSION, layers=layers, kv=b"",
                                             kept=[pb.KeptStep(start=0, tokens=[1], hidden=hidden)]),
@@ -329,6 +351,8 @@ class Target:
 
     def judge_frames(self, tally: Tally, what: str, outcome: str, frames: list) -> None:
         tally.cases += 1
+        tally.codes[" ".join([outcome] + [steps._parse_error(p).code().name if k == steps.ERROR else "REPLY"
+                                          for k, p in frames[:2]])] += 1
         if not self.alive():
             tally.crashes.append((what, self.log_tail()))
         elif outcome == "hang":

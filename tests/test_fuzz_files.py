@@ -19,7 +19,7 @@ import fuzzing as fz
 from swarm.engine.kvblob import _parse_kv_blob
 from swarm.errors import KVStateError, ModelFileError
 
-FUZZ = settings(derandomize=True, deadline=10_000, max_examples=120, database=None,
+FUZZ = settings(derandomize=True, deadline=10_000, max_examples=250, database=None,
                 suppress_health_check=list(HealthCheck))
 
 
@@ -99,7 +99,7 @@ def test_gguf_headers(model):
     data, data_start = ff.gguf_material(model)
     hot = ff.gguf_fields(data)
 
-    @settings(FUZZ, max_examples=300)
+    @settings(FUZZ, max_examples=600)
     @given(fz.mutations(hot=hot), st.booleans())
     def run(ops, header_only):
         assert ff.gguf_check(fz.mutate(data[:data_start] if header_only else data, ops)) is None

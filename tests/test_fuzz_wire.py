@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fuzzing as fz
 
-EXAMPLES = 12  # per method and kind; the long run (scripts/fuzz.py) tries thousands
+EXAMPLES = 30  # per method and kind; the long run (scripts/fuzz.py) tries thousands
 FUZZ = settings(derandomize=True, deadline=30_000, max_examples=EXAMPLES, database=None,
                 suppress_health_check=list(HealthCheck))
 METHODS = fz.methods()
@@ -37,6 +37,7 @@ def _expect_clean(target, tally, what):
     assert not tally.hangs, f"no answer within {target.hang_s} s: {tally.hangs}"
     assert not tally.bugs, f"not a clean status: {tally.bugs}\n{target.log_tail()}"
     assert target.answers(), f"the coordinator stopped answering after {what}"
+    target.restore()
 
 
 @pytest.mark.parametrize("service,method", METHODS, ids=[m.name for _, m in METHODS])
@@ -47,6 +48,7 @@ def test_handlers_take_random_messages(target, service, method):
     @given(st.lists(fz.message_strategy(cls, [target.address, target.step_address]), min_size=1, max_size=2))
     def run(requests):
         tally = fz.Tally()
+        target.prepare(method.name)
         target.judge(tally, f"{method.name}({requests})", *target.call(service, method, requests))
         _expect_clean(target, tally, method.name)
 
@@ -66,6 +68,7 @@ def test_handlers_take_mutated_messages(target, service, method):
         except DecodeError:
             assume(False)
         tally = fz.Tally()
+        target.prepare(method.name)
         target.judge(tally, f"{method.name}({request})", *target.call(service, method, [request]))
         _expect_clean(target, tally, method.name)
 
