@@ -155,7 +155,7 @@ def kv_target(tmp: Path, tally: fz.Tally, budget_s: float, examples: int | None,
 
     def imported(blob, what):
         answer = worker.load(blob)
-        if answer.startswith("crash"):
+        if answer.startswith("crash") or "BUG" in answer:
             tally.crashes.append((what, answer))
         elif not (answer == "ok" or answer.startswith(("KVStateError", "BadInputError"))):
             tally.bugs.append((what, answer))
@@ -177,7 +177,10 @@ def kv_target(tmp: Path, tally: fz.Tally, budget_s: float, examples: int | None,
         tally.bugs += [(repr(value)[:300], p) for p in problems]
 
     _drive("kv", strategy, case, budget_s, examples, base_seed)
-    tally.answering = worker.load(kv["full"]) == "ok"
+    answer = worker.load(kv["full"])  # a valid state still loads
+    tally.answering = answer == "ok"
+    if not tally.answering:
+        tally.bugs.append(("a valid KV state after the run", answer))
     worker.close()
     del dhead
 

@@ -263,12 +263,20 @@ def apply(full, deltas: list) -> bytes:
 
 
 def check_positions(payload, lay: Layout, n_past: int) -> None:
-    """Refuse a state with a cell outside positions 0..n_past-1 (KVStateError): damaged or forged, it would
-    hold positions its header does not admit, and `fill_window` would put back that many placeholder cells."""
-    for pos in positions(payload, lay) or ():
+    """Refuse (KVStateError) a session's state with a cell outside positions 0..n_past-1, a position held
+    twice, or a cell not of exactly one sequence: damaged or forged, it would hold what its header does not
+    admit (llama.cpp's cache bookkeeping, reading such cells, can stay wrong after it refuses the state), and
+    `fill_window` would put back as many placeholder cells as its first position says."""
+    held = positions(payload, lay)
+    if held is None:
+        raise KVStateError("KV state has a cell of no sequence or of several, but a session's state holds cells of its "
+                           "own sequence only; it is damaged, export it again")
+    for pos in held:
         if len(pos) and (int(pos.min()) < 0 or int(pos.max()) >= n_past):
             raise KVStateError(f"KV state holds a cell at position {int(pos.max()) if pos.max() >= n_past else int(pos.min())}"
                                f" but says it holds {n_past} positions; it is damaged, export it again")
+        if len(np.unique(pos)) != len(pos):
+            raise KVStateError("KV state holds one position in two cells; it is damaged, export it again")
 
 
 def fill_window(payload, lay: Layout, n_past: int) -> tuple[bytes, int]:

@@ -196,7 +196,13 @@ def _serve_imports(model: str) -> None:
             answer = f"{type(e).__name__}: {e}"
         except Exception as e:  # noqa: BLE001 - reported, judged by the parent
             answer = f"BUG {type(e).__name__}: {e}"
-        shard.drop_session("a")
+        try:
+            shard.drop_session("a")
+        except Exception as e:  # noqa: BLE001
+            answer += f"; BUG dropping the session afterwards: {type(e).__name__}: {e}"
+        left = [shard._llama.llama_memory_seq_pos_max(shard._mem, seq) + 1 for seq in range(MAX_SESSIONS)]
+        if any(left):  # nothing of a refused or dropped state may stay in the cache
+            answer += f"; BUG the cache still holds {left} positions per sequence after the session was dropped"
         out.write(answer.replace("\n", " ") + "\n")
         out.flush()
 
