@@ -25,6 +25,8 @@ from .errors import ModelFileError
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 _MAX_COUNT = 1 << 24  # far beyond any real model's tensor or metadata count
+_MAX_ARRAY = 1 << 24  # items in one metadata array (vocabularies hold a few hundred thousand)
+_MAX_NAME = 1 << 16  # bytes of a metadata key or tensor name (ggml's tensor names are at most 64)
 
 # value type -> struct format of one scalar
 _SCALAR = {
@@ -107,8 +109,12 @@ class _Cursor:
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
-    def string(self) -> str:
+    def string(self, limit: int | None = None) -> str:
+        at = self.pos
         n = self.unpack("<Q")
+        if limit is not None and n > limit:
+            raise ModelFileError(f"{self.path} is corrupt: a name at byte {at} claims {n} bytes (names are at most "
+                                 f"{limit}); download or copy the file again")
         raw = self.take(n)
         try:
             return raw.decode("utf-8")
@@ -119,6 +125,7 @@ class _Cursor:
     def _strings(self, count: int) -> "StringArray":
         buf, pos, end = self.buf, self.pos, len(self.buf)
         first = pos
+        self._fits(count, 8)  # every string has its 8-byte length at least: checked before the index is made
         starts = np.empty(count, dtype=np.int64)
         unpack_len = struct.Struct("<Q").unpack_from
         for i in range(count):
@@ -135,6 +142,16 @@ class _Cursor:
         self.pos = pos
         return StringArray(bytes(buf[first:pos]), starts)
 
+    def _fits(self, count: int, item_size: int) -> None:
+        """Refuse an array whose declared count cannot be there: more items than the bytes left hold (at
+        `item_size` bytes each at least), or more than any model has; checked before anything is sized by it."""
+        left = len(self.buf) - self.pos
+        if count > _MAX_ARRAY or count * item_size > left:
+            raise ModelFileError(
+                f"{self.path} is truncated or corrupt: an array at byte {self.pos} claims {count} items, more than "
+                f"{'the ' + str(left) + ' bytes left in the file hold' if count * item_size > left else 'any model has'}"
+                "; download or copy the file again")
+
     def value(self, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | None]:
         if vtype in _SCALAR:
             return self.unpack(_SCALAR[vtype]), None
@@ -145,11 +162,10 @@ class _Cursor:
             if item == GGUFValueType.ARRAY:
                 raise ModelFileError(f"{self.path} is corrupt or unsupported: it nests arrays in its metadata")
             count = self.unpack("<Q")
-            if count > len(self.buf):
-                raise ModelFileError(f"{self.path} is corrupt: an array claims {count} items")
             if item in _SCALAR:
                 fmt = _SCALAR[item]
                 size = struct.calcsize(fmt)
+                self._fits(count, size)
                 raw = self.take(size * count)
                 return list(struct.unpack(f"<{count}{fmt[1]}", raw)), item
             if item == GGUFValueType.STRING:  # vocabularies: hundreds of thousands of strings
@@ -228,14 +244,14 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
     kvs: dict[str, KV] = {}
     for _ in range(n_kv):
         start = cur.pos
-        key = cur.string()
+        key = cur.string(_MAX_NAME)
         vtype = _value_type(cur.unpack("<I"), path)
         value, item = cur.value(vtype)
         kvs[key] = KV(key, vtype, value, bytes(cur.buf[start:cur.pos]), item)
 
     tensors = []
     for _ in range(n_tensors):
-        name = cur.string()
+        name = cur.string(_MAX_NAME)
         n_dims = cur.unpack("<I")
         if not 1 <= n_dims <= 4:
             raise ModelFileError(f"{path} is corrupt: tensor {name!r} has {n_dims} dimensions")

@@ -262,7 +262,24 @@ def apply(full, deltas: list) -> bytes:
     return _pick(parts, picks, parts[0][1].prefix)
 
 
-def fill_window(payload, lay: Layout) -> tuple[bytes, int]:
+def check_positions(payload, lay: Layout, n_past: int) -> None:
+    """Refuse (KVStateError) a session's state with a cell outside positions 0..n_past-1, a position held
+    twice, or a cell not of exactly one sequence: damaged or forged, it would hold what its header does not
+    admit (llama.cpp's cache bookkeeping, reading such cells, can stay wrong after it refuses the state), and
+    `fill_window` would put back as many placeholder cells as its first position says."""
+    held = positions(payload, lay)
+    if held is None:
+        raise KVStateError("KV state has a cell of no sequence or of several, but a session's state holds cells of its "
+                           "own sequence only; it is damaged, export it again")
+    for pos in held:
+        if len(pos) and (int(pos.min()) < 0 or int(pos.max()) >= n_past):
+            raise KVStateError(f"KV state holds a cell at position {int(pos.max()) if pos.max() >= n_past else int(pos.min())}"
+                               f" but says it holds {n_past} positions; it is damaged, export it again")
+        if len(np.unique(pos)) != len(pos):
+            raise KVStateError("KV state holds one position in two cells; it is damaged, export it again")
+
+
+def fill_window(payload, lay: Layout, n_past: int) -> tuple[bytes, int]:
     """The state with every window cache's dropped cells put back as placeholders; (payload, first real
     position of a window cache, 0 when none was filled).
 
@@ -273,12 +290,14 @@ def fill_window(payload, lay: Layout) -> tuple[bytes, int]:
     Placeholder cells for positions 0..first-1 (zero K and V, masked like the old ones: they lie outside
     the window of every position that follows) put each real cell back where it was, so the importer
     computes bit for bit what the exporter would. Streams whose cells are not consecutive ascending
-    positions are left as they are.
+    positions are left as they are. `n_past`: the positions the state holds (its header's), which bounds
+    the placeholders; a cell beyond it is refused first (`check_positions`).
     """
     data = memoryview(payload)
     held = positions(payload, lay)
     if held is None:
         return bytes(payload), 0
+    check_positions(payload, lay, n_past)
     out, i, filled = [lay.prefix], 0, 0
     at = len(lay.prefix)
     for streams in lay.caches:

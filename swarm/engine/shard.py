@@ -381,11 +381,12 @@ class Shard:
             raise KVStateError(f"KV state holds {n_past} positions but this shard's context holds {self.n_ctx}")
         window_start = 0
         if payload:
-            try:
-                payload, window_start = kvstate.fill_window(payload, kvstate.layout(payload))
-            except KVStateError as e:  # a layout this version does not know: loaded as llama.cpp wrote it
-                log.warning("KV state of shard %s not understood (%s); past a sliding window, the next steps may "
-                            "round differently from the exporter's", self.layers, e)
+            # Every layout the supported architectures export is understood: one that is not (damaged, forged,
+            # cut short) is refused here, since llama.cpp reading part of it before refusing it can leave the
+            # sequence's cache unusable (a position of 2^31 that no later removal clears).
+            lay = kvstate.layout(payload)
+            kvstate.check_positions(payload, lay, n_past)  # cells beyond its length, twice, or shared: refused
+            payload, window_start = kvstate.fill_window(payload, lay, n_past)
         with self._lock:
             if session not in self._sessions:
                 self.open_session(session)

@@ -1,6 +1,7 @@
 """Errors cross the wire once, as gRPC status codes, and become swarm errors again on the other side.
 
     BadInputError, ShardRangeError, KVStateError, ModelFileError  <->  INVALID_ARGUMENT
+    UnsupportedModelError (a chat on a model with no template)     ->  INVALID_ARGUMENT
     ContextFullError                                               <-   RESOURCE_EXHAUSTED
     NotReadyError                                                 <->  FAILED_PRECONDITION
     AuthError                                                     <->  UNAUTHENTICATED
@@ -20,12 +21,12 @@ import grpc
 
 from ..errors import (
     AuthError, BadInputError, ContextFullError, KVStateError, ModelFileError, NotReadyError, PeerError,
-    ShardRangeError, SwarmError, UnreachableError,
+    ShardRangeError, SwarmError, UnreachableError, UnsupportedModelError,
 )
 
 log = logging.getLogger(__name__)
 
-_INVALID = (BadInputError, ShardRangeError, KVStateError, ModelFileError)
+_INVALID = (BadInputError, ShardRangeError, KVStateError, ModelFileError, UnsupportedModelError)
 
 
 def code_for(exc: BaseException) -> grpc.StatusCode:

@@ -75,7 +75,16 @@ class StepError(grpc.RpcError):
         return self._details
 
 
+_RECV_CHUNK = 1 << 20
+
+
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    if n > _RECV_CHUNK:  # memory follows the bytes that arrive, not the length a frame claims
+        parts = []
+        while n > 0:
+            parts.append(_recv_exact(conn, min(n, _RECV_CHUNK)))
+            n -= len(parts[-1])
+        return b"".join(parts)
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
