@@ -39,6 +39,8 @@ class RangeFetchError(SwarmError):
 
 def _get(url: str, start: int, end: int):
     """An open response for bytes [start, end) of `url`; RangeFetchError unless the server honours the range."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise RangeFetchError(f"{url!r} is not an HTTP(S) URL")
     req = urllib.request.Request(url, headers={"Range": f"bytes={start}-{end - 1}"})
     try:
         resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)

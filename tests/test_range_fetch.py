@@ -171,3 +171,24 @@ def test_unreachable_url_falls_back(model, tmp_path):
     path, _ = rangefetch.fetch_shard_via_url("http://127.0.0.1:9/x.gguf", coordinator_fetch(tmp_path / "coord", calls),
                                              spec, tmp_path / "node", progress=False)
     assert calls and file_digest(path) == spec.sha256
+
+
+def test_swarm_node_gets_its_shard_from_the_models_url(tmp_path, model_path, reference):
+    """A real swarm: the coordinator names the URL, the node with an empty cache builds its shard from it."""
+    from tests.procs import Swarm
+
+    srv = RangeServer(Path(model_path))
+    swarm = Swarm(tmp_path, model_path, ["--layers", "0:9", "--max-sessions", "1", "--model-url", srv.url],
+                  [["--layers", "9:18"]])
+    try:
+        client = swarm.wait_ready()
+        node_log = swarm.procs[1].text()
+        assert "from the model's URL" in node_log and "fetching it from the coordinator" not in node_log, node_log
+        tensor_requests = [r for r in srv.ranges if r and not r.startswith("bytes=0-")]
+        assert tensor_requests  # the node asked for its tensors' ranges, not the whole file
+        prompt = "The capital of France is"
+        _, expected, _ = reference.run(prompt)
+        assert client.complete(prompt, max_tokens=16).tokens == expected
+    finally:
+        swarm.close()
+        srv.shutdown()
