@@ -187,7 +187,7 @@ def test_swarm_node_gets_its_shard_from_the_models_url(tmp_path, model_path, ref
         tensor_requests = [r for r in srv.ranges if r and not r.startswith("bytes=0-")]
         assert tensor_requests  # the node asked for its tensors' ranges, not the whole file
         prompt = "The capital of France is"
-        _, expected, _ = reference.run(prompt)
+        _, expected, _ = reference.run(prompt, 16)
         assert client.complete(prompt, max_tokens=16).tokens == expected
     finally:
         swarm.close()
