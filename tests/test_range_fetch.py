@@ -44,11 +44,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv: RangeServer = self.server
-        data = srv.path.read_bytes()
+        size = srv.path.stat().st_size
         rng = self.headers.get("Range")
         srv.ranges.append(rng)
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
         if srv.mode == "norange" or not m:
+            data = srv.path.read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -60,12 +61,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 pass
             return
         start = int(m.group(1))
-        end = min(int(m.group(2)) + 1 if m.group(2) else len(data), len(data))
-        body = data[start:end]
+        end = min(int(m.group(2)) + 1 if m.group(2) else size, size)
+        with open(srv.path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start)
         if srv.mode == "corrupt" and start > 4096:
             body = bytes(b ^ 0xFF for b in body[:16]) + body[16:]
         self.send_response(206)
-        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if srv.mode == "drop" and not srv.dropped and start > 0 and len(body) > srv.drop_after:
