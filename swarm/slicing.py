@@ -301,7 +301,7 @@ def slice_model(
     `lookahead` forces the first shard's look-ahead block on or off; None lets the slicer choose.
     """
     model = read_gguf(model_path)
-    rules = check_supported(model)
+    check_supported(model)
     n_layer = model_layer_count(model)
     layers.check_within(n_layer)
     role = layers.role(n_layer)
