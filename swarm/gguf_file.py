@@ -231,6 +231,11 @@ def _read_cached(path: Path, _size: int, _mtime_ns: int) -> GGUFFile:
             return _parse(_Cursor(buf, path), path, size)
 
 
+def parse_gguf_header(buf: bytes, path: Path, size: int) -> GGUFFile:
+    """Parse a GGUF header from its first bytes (`size`: the whole file's length); ModelFileError if too few."""
+    return _parse(_Cursor(buf, path), path, size)
+
+
 def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
     if cur.take(4) != MAGIC:
         raise ModelFileError(f"{path} is not a GGUF model (wrong magic bytes); llama.cpp needs a .gguf file")
@@ -323,14 +328,10 @@ class TensorSource:
     nbytes: int
 
 
-def write_gguf(
-    out: BinaryIO,
-    source: BinaryIO,
-    kv_blobs: Iterable[bytes],
-    tensors: list[TensorSource],
-    alignment: int = DEFAULT_ALIGNMENT,
-) -> None:
-    """Write a GGUF v3 file: metadata blobs as given, tensors copied from `source`."""
+def gguf_layout(
+    kv_blobs: Iterable[bytes], tensors: list[TensorSource], alignment: int = DEFAULT_ALIGNMENT
+) -> list[bytes | TensorSource]:
+    """A GGUF v3 file as the pieces written in order: literal bytes, and tensors whose bytes come from a source."""
     kv_blobs = list(kv_blobs)
     head = bytearray(MAGIC + struct.pack("<IQQ", 3, len(tensors), len(kv_blobs)))
     for blob in kv_blobs:
@@ -342,18 +343,35 @@ def write_gguf(
         head += struct.pack("<IQ", t.ggml_type, offset)
         offset = _align(offset + t.nbytes, alignment)
     head += b"\0" * (_align(len(head), alignment) - len(head))
-    out.write(head)
+    pieces: list[bytes | TensorSource] = [bytes(head)]
     written = 0
     for t in tensors:
-        source.seek(t.src_offset)
-        left = t.nbytes
+        pieces.append(t)
+        written += t.nbytes
+        pad = _align(written, alignment) - written
+        if pad:
+            pieces.append(b"\0" * pad)
+        written += pad
+    return pieces
+
+
+def write_gguf(
+    out: BinaryIO,
+    source: BinaryIO,
+    kv_blobs: Iterable[bytes],
+    tensors: list[TensorSource],
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> None:
+    """Write a GGUF v3 file: metadata blobs as given, tensors copied from `source`."""
+    for piece in gguf_layout(kv_blobs, tensors, alignment):
+        if isinstance(piece, bytes):
+            out.write(piece)
+            continue
+        source.seek(piece.src_offset)
+        left = piece.nbytes
         while left:
             chunk = source.read(min(left, 16 << 20))
             if not chunk:
-                raise ModelFileError(f"source file ended while copying tensor {t.name!r}")
+                raise ModelFileError(f"source file ended while copying tensor {piece.name!r}")
             out.write(chunk)
             left -= len(chunk)
-        written += t.nbytes
-        pad = _align(written, alignment) - written
-        out.write(b"\0" * pad)
-        written += pad

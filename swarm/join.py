@@ -159,7 +159,7 @@ def start_coordinator(
     threads: int | None = None, n_ctx: int = 2048, max_sessions: int = 4, mdns_interface: str | None = None,
     reprofile: bool = False, failover: bool = True, step_port: int | None = None, http: bool = True,
     http_port: int | None = None, standbys: bool = True, standbys_on_route: bool = False,
-    http_host: str = "127.0.0.1", relay_port: int | None = None,
+    http_host: str = "127.0.0.1", relay_port: int | None = None, model_url: str = "",
 ) -> RunningCoordinator:
     """Start the coordinator (it may host layers too) and advertise it on mDNS.
 
@@ -188,7 +188,7 @@ def start_coordinator(
             resources=resources(max_memory, threads, with_devices=True), pin=pin, n_ctx=n_ctx,
             max_sessions=max_sessions, threads=threads, reprofile=reprofile, failover=failover,
             step_address=f"{_reachable_host(host)}:{step_server.port}", standbys=standbys,
-            standbys_on_route=standbys_on_route, relay=relay,
+            standbys_on_route=standbys_on_route, relay=relay, model_url=model_url,
         )
         if web:
             web.serve(coordinator, key)

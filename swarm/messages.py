@@ -54,6 +54,7 @@ class ShardSpec:
     sha256: str
     layers: LayerRange
     n_layer_total: int
+    model_url: str = ""  # the model's public URL, when the coordinator names one: nodes may build the shard from it
 
 
 @dataclass(frozen=True)

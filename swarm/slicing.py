@@ -268,6 +268,26 @@ def _choose_lookahead(model: GGUFFile, layers: LayerRange, role: ShardRole) -> i
     return 1 if block_bytes < n_vocab * PLANNED_BATCH * 4 else 0
 
 
+def _shard_names(model: GGUFFile, layers: LayerRange, lookahead: bool | None, digest: str) -> tuple[str, int, str]:
+    """(shard id, look-ahead blocks, file name) of the shard of `layers` from a model whose sha256 is `digest`."""
+    n_layer = model_layer_count(model)
+    role = layers.role(n_layer)
+    auto = _choose_lookahead(model, layers, role)
+    extra = auto if lookahead is None else int(bool(lookahead) and role == ShardRole.FIRST)
+    _check_count_derived_params(model, n_layer, layers.count + extra)
+    sid = shard_id(digest, layers, n_layer, extra)
+    return sid, extra, f"{model.arch}-{sid[:16]}-L{layers.start}-{layers.end}.gguf"
+
+
+def shard_pieces(model: GGUFFile, layers: LayerRange, sid: str, lookahead: int) -> tuple[list[bytes], list[TensorSource]]:
+    """The metadata blobs and tensors of a shard, for write_gguf or gguf_layout: the one recipe of a shard's bytes."""
+    rules = check_supported(model)
+    n_layer = model_layer_count(model)
+    layers.check_within(n_layer)
+    role = layers.role(n_layer)
+    return _metadata(model, rules, layers, n_layer, role, sid, lookahead), _tensors(model, layers, role, lookahead)
+
+
 def slice_model(
     model_path: str | os.PathLike,
     layers: LayerRange,
@@ -281,24 +301,20 @@ def slice_model(
     `lookahead` forces the first shard's look-ahead block on or off; None lets the slicer choose.
     """
     model = read_gguf(model_path)
-    rules = check_supported(model)
+    check_supported(model)
     n_layer = model_layer_count(model)
     layers.check_within(n_layer)
     role = layers.role(n_layer)
     if role == ShardRole.WHOLE:
         return shard_info(model.path)  # the model itself is the one shard: no copy
-    auto = _choose_lookahead(model, layers, role)
-    extra = auto if lookahead is None else int(bool(lookahead) and role == ShardRole.FIRST)
-    _check_count_derived_params(model, n_layer, layers.count + extra)
-    sid = shard_id(cache.file_digest(model.path), layers, n_layer, extra)
+    sid, extra, name = _shard_names(model, layers, lookahead, cache.file_digest(model.path))
     out_dir = Path(out_dir) if out_dir is not None else cache.subdir("shards")
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{model.arch}-{sid[:16]}-L{layers.start}-{layers.end}.gguf"
+    target = out_dir / name
     if target.exists():
         shardcache.touch(target)  # a reuse counts as a use for the cache's eviction order
         return ShardFile(target, layers, n_layer, role, sid, extra)
-    blobs = _metadata(model, rules, layers, n_layer, role, sid, extra)
-    tensors = _tensors(model, layers, role, extra)
+    blobs, tensors = shard_pieces(model, layers, sid, extra)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     log.info("slicing layers %s of %s into %s", layers, model.path.name, target.name)
     try:

@@ -23,7 +23,7 @@ ROOT = Path(swarm.__file__).parent
 LAYERS = [
     {"errors", "layers", "messages", "sampling", "textstream", "cache", "shardcache", "models", "gguf_file",
      "slicing", "kvstate", "_proto"},  # the shared vocabulary and the files
-    {"engine", "chat_template", "profiling", "transfer", "planner", "placement", "failover", "discovery",
+    {"engine", "chat_template", "profiling", "transfer", "rangefetch", "planner", "placement", "failover", "discovery",
      "calibration"},
     {"node", "chain"},
     {"wire"},

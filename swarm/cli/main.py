@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--model", "-m", default=None,
                       help="a GGUF path, or a packaged model (`default`: SmolLM2-135M-Instruct; `gemma3-270m`): "
                            "this node becomes the coordinator")
+    join.add_argument("--model-url", default="",
+                      help="the model's public HTTP(S) URL (coordinator): nodes fetch their tensors' byte ranges "
+                           "from there instead of through the coordinator, and fall back to it")
     join.add_argument("--coordinator", "-c", help="HOST:PORT of the coordinator where mDNS cannot reach it")
     join.add_argument("--key", help="the swarm key (default: $SWARM_KEY; a coordinator makes one if none is given)")
     join.add_argument("--swarm", default="default", help="the swarm's name on mDNS (default: default)")

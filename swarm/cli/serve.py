@@ -48,6 +48,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         raise BadInputError("--leave-after is for nodes; the coordinator holds the model and cannot hand it over")
     if args.outbound_only and args.model:
         raise BadInputError("--outbound-only is for nodes; every node must be able to reach the coordinator")
+    if args.model_url and not args.model:
+        raise BadInputError("--model-url names the coordinator's model: give it with --model")
     if args.relay_port is not None and not args.model:
         raise BadInputError("--relay-port is for the coordinator (the node that runs with --model)")
     if args.cache_limit is not None:
@@ -75,6 +77,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             reprofile=args.reprofile, failover=not args.no_failover, step_port=args.step_port,
             http=not args.no_http, http_port=args.http_port, http_host=args.http_host,
             standbys=not args.no_standbys, standbys_on_route=args.standbys_on_route, relay_port=args.relay_port,
+            model_url=args.model_url,
         )
         print(f"swarm {args.swarm!r}: coordinator at {running.address}, model {running.coordinator.model_path.name}",
               file=sys.stderr)

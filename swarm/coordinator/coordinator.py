@@ -83,6 +83,7 @@ class Coordinator:
         step_address: str = "",
         standbys: bool = True, standbys_on_route: bool = False,
         relay: Relay | None = None,
+        model_url: str = "",
     ):
         self.model_path = Path(model_path)
         self.swarm = swarm
@@ -99,7 +100,7 @@ class Coordinator:
             pin.check_within(self.n_layer)
         self.tokenizer = Tokenizer(self.model_path)
         settings = m.ContextSettings(n_ctx, max_sessions, min(n_batch, n_ctx))
-        self.files = ShardFiles(self.model_path, self.n_layer)
+        self.files = ShardFiles(self.model_path, self.n_layer, model_url)
         registry = NodeRegistry(key)
         self.local = Node(registry, threads=threads, progress=False, local_file=self.files.path)
         self.peers = Peers(self.local, registry)

@@ -18,8 +18,8 @@ from ..transfer import fault_chunks_from_env, iter_chunks
 class ShardFiles:
     """Cut (or reuse) the shard of a range, remember it, and stream its bytes on request."""
 
-    def __init__(self, model_path: Path, n_layer: int):
-        self.model_path, self.n_layer = model_path, n_layer
+    def __init__(self, model_path: Path, n_layer: int, model_url: str = ""):
+        self.model_path, self.n_layer, self.model_url = model_path, n_layer, model_url
         self._lock = threading.Lock()
         self._files: dict[str, Path] = {}
         self._ids: dict[LayerRange, str] = {}  # the shard file cut for each range
@@ -31,7 +31,7 @@ class ShardFiles:
         shard = slice_model(self.model_path, layers)
         held = shardcache.hold(shard.path)  # nodes fetch it from here: not evicted while this coordinator runs
         spec = m.ShardSpec(shard.shard_id, shard.path.name, shard.path.stat().st_size, file_digest(shard.path),
-                           layers, self.n_layer)
+                           layers, self.n_layer, self.model_url)
         with self._lock:
             self._files[spec.shard_id] = shard.path
             earlier, self._held[spec.shard_id] = self._held.get(spec.shard_id), held

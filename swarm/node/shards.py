@@ -21,7 +21,8 @@ from ..errors import BadInputError, NotReadyError
 from ..layers import LayerRange
 from ..sampling import Sampler
 from ..slicing import shard_info
-from ..transfer import Fetch, fetch_shard
+from ..rangefetch import fetch_shard_via_url
+from ..transfer import Fetch
 from .kept import OutputLog
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class Shelf:
             return local, False
         if self._fetcher is None:
             raise NotReadyError("this node has no coordinator to fetch shard files from")
-        return fetch_shard(self._fetcher(), spec, self._dir or cache.subdir("shards"), progress=self._progress)
+        return fetch_shard_via_url(spec.model_url, self._fetcher(), spec, self._dir or cache.subdir("shards"),
+                                   progress=self._progress)
 
     def load(self, order: m.Load) -> m.Loaded:
         """Load the shard of `order` beside the others (`extra`) or instead of them; or drop every shard, or

@@ -74,11 +74,12 @@ def resources_of(r: pb.NodeResources) -> m.Resources:
 
 def shard_spec_pb(s: m.ShardSpec) -> pb.ShardSpec:
     return pb.ShardSpec(shard_id=s.shard_id, file_name=s.file_name, size=s.size, sha256=s.sha256,
-                        layers=span(s.layers), n_layer_total=s.n_layer_total)
+                        layers=span(s.layers), n_layer_total=s.n_layer_total, model_url=s.model_url)
 
 
 def shard_spec_of(s: pb.ShardSpec) -> m.ShardSpec:
-    return m.ShardSpec(s.shard_id, s.file_name, int(s.size), s.sha256, layers_of(s.layers), int(s.n_layer_total))
+    return m.ShardSpec(s.shard_id, s.file_name, int(s.size), s.sha256, layers_of(s.layers), int(s.n_layer_total),
+                       s.model_url)
 
 
 def chunk_pb(c: m.ShardChunk) -> pb.ShardChunk:
