@@ -165,8 +165,9 @@ def main() -> int:
                   f"{status['predicted_decode_tps']:.1f}")
             for n in status["nodes"]:
                 layers = f"{n['layers']['start']}:{n['layers']['end']}" if n["has_layers"] else "no layers"
-                print(f"  - {n['name']}{' (relayed)' if n['outbound_only'] else ''}: {layers}; {n.get('reason')}; "
-                      f"link {n.get('link')}")
+                prof = n.get("profile") or {}  # the planner's word and the measured link are in "profile"
+                print(f"  - {n['name']}{' (relayed)' if n['outbound_only'] else ''}: {layers}; "
+                      f"{prof.get('reason', '')}; round trip {prof.get('rtt_ms', 0):.1f} ms")
     return 0
 
 
