@@ -282,6 +282,12 @@ def test_kept_states_that_do_not_reach_back_are_recomputed_from_the_tokens(tmp_p
             # Every position of the session ran again, the prompt's too (a replay runs those after a checkpoint).
             assert r["replayed_positions"] >= len(prompt_tokens) + killed_after - 1, r
         assert "recomputing from its tokens" in swarm.coordinator.text()
+        # No new placement fits the coordinator alone (it is pinned to 13:18), but the route the recovery
+        # repaired runs on it: the swarm keeps that route and serves new sessions, exactly.
+        _, more, _ = reference.run(PROMPTS[0], 32)
+        assert swarm.client.complete(PROMPTS[0], max_tokens=32).tokens == more
+        status = swarm.client.status()
+        assert status["state"] == "ready" and "kept the route the recovery repaired" in status["detail"], status
     finally:
         swarm.close()
 

@@ -211,7 +211,7 @@ class Placement:
                     return
                 self._dirty = False
                 # No session may start on the old route while it is being replaced.
-                self._route = None
+                kept, self._route = self._route, None
                 self._state, self._detail = "planning", "planning placement"
             time.sleep(0.2)  # let a burst of joins settle into one plan
             with self._cond:
@@ -220,6 +220,8 @@ class Placement:
             try:
                 self._apply(self._members.plannable())
             except Exception as e:  # the planner must survive anything, or the swarm never serves again
+                if isinstance(e, placement.PlacementError) and self._keep(kept, str(e)):
+                    continue
                 with self._cond:
                     self._route = None
                     self._state, self._detail = "waiting", str(e)
@@ -234,6 +236,21 @@ class Placement:
                     log.exception("planning failed; retrying shortly")
                     self.mark_dirty()
                     self._stop.wait(2.0)
+
+    def _keep(self, route: Route | None, why: str) -> bool:
+        """No plan fits the nodes left (pinned ranges that no longer cover the model, say), but the route a
+        recovery repaired still runs on them: keep serving on it. Whether it was kept."""
+        alive = {x.node_id for x in self._members.plannable()}
+        if route is None or any(h.node_id not in alive for h in route):
+            return False
+        with self._cond:
+            if self._dirty:
+                return False  # the membership changed again: plan for that instead
+            self._route = route
+            self._state, self._detail = "ready", f"kept the route the recovery repaired ({why})"
+            self._cond.notify_all()
+        log.warning("no new placement fits (%s); keeping the route the recovery repaired", why)
+        return True
 
     def _plan(self, members: Sequence[Member]) -> planner.MeasuredPlan:
         s = self.settings
