@@ -287,7 +287,7 @@ def test_kept_states_that_do_not_reach_back_are_recomputed_from_the_tokens(tmp_p
         _, more, _ = reference.run(PROMPTS[0], 32)
         assert swarm.client.complete(PROMPTS[0], max_tokens=32).tokens == more
         status = swarm.client.status()
-        assert status["state"] == "ready" and "kept the route the recovery repaired" in status["detail"], status
+        assert status["state"] == "ready" and "kept the route in use" in status["detail"], status
     finally:
         swarm.close()
 

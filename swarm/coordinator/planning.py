@@ -181,6 +181,7 @@ class Placement:
         self.poke()
 
     def _loop(self) -> None:
+        kept = None  # the route replaced by the plan under way, until a plan loads anything
         while not self._stop.is_set():
             with self._cond:
                 while not self._stop.is_set() and not self._dirty and not self._recheck and not self._idle_probe():
@@ -211,7 +212,7 @@ class Placement:
                     return
                 self._dirty = False
                 # No session may start on the old route while it is being replaced.
-                kept, self._route = self._route, None
+                kept, self._route = self._route or kept, None
                 self._state, self._detail = "planning", "planning placement"
             time.sleep(0.2)  # let a burst of joins settle into one plan
             with self._cond:
@@ -219,9 +220,12 @@ class Placement:
                     continue
             try:
                 self._apply(self._members.plannable())
+                kept = None
             except Exception as e:  # the planner must survive anything, or the swarm never serves again
                 if isinstance(e, placement.PlacementError) and self._keep(kept, str(e)):
                     continue
+                if not isinstance(e, placement.PlacementError):
+                    kept = None  # shards may have moved: that route is no longer what the nodes hold
                 with self._cond:
                     self._route = None
                     self._state, self._detail = "waiting", str(e)
@@ -238,18 +242,16 @@ class Placement:
                     self._stop.wait(2.0)
 
     def _keep(self, route: Route | None, why: str) -> bool:
-        """No plan fits the nodes left (pinned ranges that no longer cover the model, say), but the route a
-        recovery repaired still runs on them: keep serving on it. Whether it was kept."""
+        """No plan fits the nodes left (pinned ranges that no longer cover the model, say), but the route in
+        use (one a recovery repaired, say) still runs on them: keep serving on it. Whether it was kept."""
         alive = {x.node_id for x in self._members.plannable()}
         if route is None or any(h.node_id not in alive for h in route):
             return False
-        with self._cond:
-            if self._dirty:
-                return False  # the membership changed again: plan for that instead
+        with self._cond:  # (if the membership changed meanwhile, the loop plans again from this route)
             self._route = route
-            self._state, self._detail = "ready", f"kept the route the recovery repaired ({why})"
+            self._state, self._detail = "ready", f"kept the route in use ({why})"
             self._cond.notify_all()
-        log.warning("no new placement fits (%s); keeping the route the recovery repaired", why)
+        log.warning("no new placement fits (%s); keeping the route in use", why)
         return True
 
     def _plan(self, members: Sequence[Member]) -> planner.MeasuredPlan:
