@@ -146,11 +146,14 @@ class _Cursor:
         """Refuse an array whose declared count cannot be there: more items than the bytes left hold (at
         `item_size` bytes each at least), or more than any model has; checked before anything is sized by it."""
         left = len(self.buf) - self.pos
-        if count > _MAX_ARRAY or count * item_size > left:
-            raise ModelFileError(
-                f"{self.path} is truncated or corrupt: an array at byte {self.pos} claims {count} items, more than "
-                f"{'the ' + str(left) + ' bytes left in the file hold' if count * item_size > left else 'any model has'}"
-                "; download or copy the file again")
+        if count * item_size > left:
+            more_than = f"the {left} bytes left in the file hold"
+        elif count > _MAX_ARRAY:
+            more_than = "any model has"
+        else:
+            return
+        raise ModelFileError(f"{self.path} is truncated or corrupt: an array at byte {self.pos} claims {count} items, "
+                             f"more than {more_than}; download or copy the file again")
 
     def value(self, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | None]:
         if vtype in _SCALAR:

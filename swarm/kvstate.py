@@ -262,11 +262,12 @@ def apply(full, deltas: list) -> bytes:
     return _pick(parts, picks, parts[0][1].prefix)
 
 
-def check_positions(payload, lay: Layout, n_past: int) -> None:
+def check_positions(payload, lay: Layout, n_past: int) -> list:
     """Refuse (KVStateError) a session's state with a cell outside positions 0..n_past-1, a position held
     twice, or a cell not of exactly one sequence: damaged or forged, it would hold what its header does not
     admit (llama.cpp's cache bookkeeping, reading such cells, can stay wrong after it refuses the state), and
-    `fill_window` would put back as many placeholder cells as its first position says."""
+    `fill_window` would put back as many placeholder cells as its first position says. The positions held, per
+    stream (as `positions` gives them)."""
     held = positions(payload, lay)
     if held is None:
         raise KVStateError("KV state has a cell of no sequence or of several, but a session's state holds cells of its "
@@ -277,6 +278,7 @@ def check_positions(payload, lay: Layout, n_past: int) -> None:
                                f" but says it holds {n_past} positions; it is damaged, export it again")
         if len(np.unique(pos)) != len(pos):
             raise KVStateError("KV state holds one position in two cells; it is damaged, export it again")
+    return held
 
 
 def fill_window(payload, lay: Layout, n_past: int) -> tuple[bytes, int]:
@@ -291,13 +293,10 @@ def fill_window(payload, lay: Layout, n_past: int) -> tuple[bytes, int]:
     the window of every position that follows) put each real cell back where it was, so the importer
     computes bit for bit what the exporter would. Streams whose cells are not consecutive ascending
     positions are left as they are. `n_past`: the positions the state holds (its header's), which bounds
-    the placeholders; a cell beyond it is refused first (`check_positions`).
+    the placeholders; a state `check_positions` refuses is refused here too (KVStateError).
     """
     data = memoryview(payload)
-    held = positions(payload, lay)
-    if held is None:
-        return bytes(payload), 0
-    check_positions(payload, lay, n_past)
+    held = check_positions(payload, lay, n_past)
     out, i, filled = [lay.prefix], 0, 0
     at = len(lay.prefix)
     for streams in lay.caches:

@@ -384,9 +384,8 @@ class Shard:
             # Every layout the supported architectures export is understood: one that is not (damaged, forged,
             # cut short) is refused here, since llama.cpp reading part of it before refusing it can leave the
             # sequence's cache unusable (a position of 2^31 that no later removal clears).
-            lay = kvstate.layout(payload)
-            kvstate.check_positions(payload, lay, n_past)  # cells beyond its length, twice, or shared: refused
-            payload, window_start = kvstate.fill_window(payload, lay, n_past)
+            # (fill_window refuses cells beyond its length, held twice, or shared: `kvstate.check_positions`)
+            payload, window_start = kvstate.fill_window(payload, kvstate.layout(payload), n_past)
         with self._lock:
             if session not in self._sessions:
                 self.open_session(session)
