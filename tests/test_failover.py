@@ -195,7 +195,8 @@ def test_sigterm_hands_the_sessions_over_without_recomputing(swarm, reference):
     other = threading.Thread(target=lambda: results.update(
         other=SwarmClient(swarm.address, key=KEY).complete(prompts[1], max_tokens=N).tokens))
     other.start()  # a second session running through the same nodes
-    tokens, _ = _generate_breaking(swarm, prompts[0], [(random.randrange(4, 80), _kill(swarm, "6:12", signal.SIGTERM))])
+    # Early enough that the session still runs once the successor has loaded 6:12 (the leave's first part).
+    tokens, _ = _generate_breaking(swarm, prompts[0], [(random.randrange(4, 40), _kill(swarm, "6:12", signal.SIGTERM))])
     other.join(120)
     assert tokens == expected[0] and results["other"] == expected[1]
     (r,) = _recoveries(swarm)
@@ -369,7 +370,7 @@ def test_ctrl_c_hands_the_sessions_over_and_a_second_ctrl_c_leaves_at_once(swarm
     a node is still leaving ends its process at once, with exit code 130."""
     prompt = PROMPTS[0]
     _, expected, _ = reference.run(prompt, N)
-    tokens, _ = _generate_breaking(swarm, prompt, [(random.randrange(4, 80), _kill(swarm, "6:12", signal.SIGINT))])
+    tokens, _ = _generate_breaking(swarm, prompt, [(random.randrange(4, 40), _kill(swarm, "6:12", signal.SIGINT))])
     assert tokens == expected
     (r,) = _recoveries(swarm)
     assert r["detection"] == "left" and r["path"] == "migrate" and r["sessions"] == 1, r

@@ -101,8 +101,8 @@ def _nodes(status: dict) -> dict[str, dict]:
     return {n["name"]: n for n in status["nodes"]}
 
 
-def _break_at(swarm: Bed, prompt: str, position: int, proc: Proc, sig) -> list[int]:
-    """Generate N greedy tokens, sending `sig` to `proc` once `position` tokens have come."""
+def _break_at(swarm: Bed, prompt: str, position: int, proc: Proc, sig, n: int = N) -> list[int]:
+    """Generate `n` greedy tokens, sending `sig` to `proc` once `position` tokens have come."""
     sent = []
 
     def on_event(event):
@@ -110,7 +110,7 @@ def _break_at(swarm: Bed, prompt: str, position: int, proc: Proc, sig) -> list[i
             proc.p.send_signal(sig)
             sent.append(event["n"])
 
-    result = swarm.ask("generate", on_event, prompt=prompt, n=N)
+    result = swarm.ask("generate", on_event, prompt=prompt, n=n)
     assert sent, f"the generation ended after {len(result['tokens'])} tokens, before the signal"
     return result["tokens"]
 
@@ -151,12 +151,15 @@ def test_kill_9_of_a_notebook_mid_generation_keeps_the_text(swarm, reference):
 
 
 def test_sigterm_of_a_notebook_mid_generation_keeps_the_text(swarm, reference):
-    prompt = PROMPTS[0]
-    _, expected, _ = reference.run(prompt, N)
-    position = random.randrange(4, len(expected) - 8)
+    # A leave is not instant: the coordinator loads 9:18 first (about a second) and the session moves at
+    # the step after that. Signal early in a long generation, so that it is still running by then.
+    prompt, n = PROMPTS[0], 3 * N
+    _, expected, _ = reference.run(prompt, n)
+    assert len(expected) == n, "the reference stopped early; this prompt cannot hold a leave"
+    position = random.randrange(4, 32)
     print(f"SIGTERM of notebook1 (9:18) after {position} tokens")
     notebook = swarm.proc("notebook1")
-    assert _break_at(swarm, prompt, position, notebook, signal.SIGTERM) == expected
+    assert _break_at(swarm, prompt, position, notebook, signal.SIGTERM, n) == expected
     records = swarm.ask("status")["status"]["recoveries"]
     assert [r["node"] for r in records] == ["notebook0", "notebook1"], records
     r = records[1]
