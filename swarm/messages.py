@@ -251,13 +251,19 @@ class KeptStep:
 
 @dataclass(frozen=True)
 class ImportState:
-    """A session's KV state (sent beside this, as bytes) and kept outputs for one shard of a node."""
+    """A session's KV state (sent beside this, as bytes) and kept outputs for one shard of a node.
+    `mode`: IMPORT_NOW, HOLD (a standby keeps the bytes: a whole state or a delta onto what it holds,
+    imported only when it takes over) or HELD (import what the node holds; no bytes sent)."""
 
     session: str
     layers: LayerRange
     keep_from: int = 0
     epoch: int = 0
     kept: tuple[KeptStep, ...] = ()
+    mode: str = ""
+
+
+IMPORT_NOW, HOLD, HELD = "", "hold", "held"  # ImportState.mode
 
 
 @dataclass(frozen=True)

@@ -133,11 +133,11 @@ class CheckpointDesk:
             self._count(deltas=1, delta_bytes=len(blob))
         else:
             self._count(full=1, full_bytes=len(blob))
-        new = Checkpoint(positions, head["lineage"], blob, parent, parent.links + 1 if parent else 0)
+        new = offered = Checkpoint(positions, head["lineage"], blob, parent, parent.links + 1 if parent else 0)
         if new.links > MAX_LINKS:  # put the chain together
             full = new.state()
             new = Checkpoint(positions, kv_header(full)["lineage"], full)
         held.keep(layers, new, session.kept_from(layers))
-        if self._on_kept is not None:
-            self._on_kept(session, layers, new)
+        if self._on_kept is not None:  # (as it came: a standby holding the chain takes the delta)
+            self._on_kept(session, layers, offered)
         return True

@@ -121,17 +121,12 @@ class Recovery:
             replayed = 0
             for i in sorted(replaced):
                 hop, at = route[i], base[i].positions
-                warm = at > 0 and self._standbys.holds(hop.node_id, hop.layers, session.sid) == (at, base[i].lineage)
                 nxt = route[i + 1].layers if i + 1 < len(route) else None
                 # What the new hop keeps for the next one: from that one's checkpoint (or rebuild point) on.
                 keep = base[i + 1].positions if i + 1 in replaced else (session.kept_from(nxt) if nxt else 0)
                 peer = self._peers.of(hop)
-                if warm:  # a standby imported this very checkpoint when it was taken: only the attempt moves on
-                    log.info("session %s: the standby of layers %s holds its checkpoint at %d positions", session.sid,
-                             hop.layers, at)
-                    peer.rewind(m.Rewind(session.sid, hop.layers, at, session.epoch))
-                else:
-                    self._stepper.open(session, hop, history=session.tokens[:at])
+                self._stepper.open(session, hop, history=session.tokens[:at])
+                if not self._from_held(session, hop, base[i], keep):
                     peer.import_state(m.ImportState(session.sid, hop.layers, keep, session.epoch),
                                       base[i].state())
                 if i == 0:
@@ -160,6 +155,30 @@ class Recovery:
         # Checkpoint every remote hop with the next step, so what each keeps is consistent again.
         session.ask_checkpoint(*(h.layers for h in route if not h.is_self))
         return path, replayed
+
+    def _from_held(self, session: Session, hop: RouteHop, checkpoint, keep: int) -> bool:
+        """A standby that took `hop`'s range over imports what it holds of the session, brought up to
+        `checkpoint` with the deltas it had not received yet (on this machine: no whole state crosses the
+        network). False when it holds no earlier state of that chain, or what it holds does not import."""
+        deltas = self._standbys.catch_up(hop.node_id, hop.layers, session.sid, checkpoint)
+        if deltas is None:
+            return False
+        peer = self._peers.of(hop)
+        try:
+            for blob in deltas:
+                peer.import_state(m.ImportState(session.sid, hop.layers, epoch=session.epoch, mode=m.HOLD), blob)
+            got = peer.import_state(m.ImportState(session.sid, hop.layers, keep, session.epoch, mode=m.HELD), b"")
+        except KVStateError as e:
+            log.warning("session %s: the standby of layers %s could not import what it held (%s); sending the "
+                        "whole state", session.sid, hop.layers, e)
+            return False
+        if got != checkpoint.positions:
+            log.warning("session %s: the standby of layers %s held %d positions, not %d; sending the whole state",
+                        session.sid, hop.layers, got, checkpoint.positions)
+            return False
+        log.info("session %s: the standby of layers %s imported the %d positions it held (%d deltas sent now)",
+                 session.sid, hop.layers, got, len(deltas))
+        return True
 
     def batches(self, session: Session, frm: int, to: int) -> list[tuple[int, list[int]]]:
         """The session's positions frm..to-1 as they were first run: prompt pieces of n_batch, then one by one."""

@@ -4,10 +4,10 @@ with that range's checkpoints, so that losing the range needs no load.
 After every plan, and after a loss, `failover.choose_standbys` (a pure function) picks which node stands
 by for which range of the route, within each node's memory cap; this room has them load it beside what
 they serve (`Load` with `extra`), forwards every checkpoint the coordinator keeps of a guarded range to
-its standby from a background thread (the standby imports it, so its replica holds the session's KV
-state as of that checkpoint), hands the standby over when its range is lost (succession.py), and gives
-a standby's memory back when a successor needs it. The standby's own memory and cores are the only
-cost to the route: the step path never waits for a forward. See docs/fault-tolerance.md.
+its standby from a background thread (as it came: a delta of a few kilobytes, which the standby holds
+without importing it; a whole state only to start a chain), hands the standby over when its range is
+lost (succession.py, and recovery.py, which has it import what it holds), and gives a standby's memory
+back when a successor needs it. The step path never waits for a forward. See docs/fault-tolerance.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Callable
 
 from .. import failover
 from .. import messages as m
-from ..engine import join_kv
 from ..errors import SwarmError
 from ..layers import LayerRange
 from .checkpoints import Checkpoint
@@ -35,6 +34,7 @@ from .shardfiles import ShardFiles
 log = logging.getLogger(__name__)
 
 SWEEP_S = 1.0  # how often sessions that ended are closed on the standbys
+MAX_QUEUED = 64  # checkpoints waiting per session and range; past that only the newest is sent (whole)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Standby:
     nbytes: int
     shard_id: str
     state: str = "loading"  # loading, ready
-    received: int = 0  # checkpoints imported since it was loaded
+    received: int = 0  # checkpoints it took in since it was loaded
     held: dict[str, tuple[int, str]] = field(default_factory=dict)  # session id -> (positions, lineage) held
 
 
@@ -63,15 +63,14 @@ class Standbys:
         self._cond = threading.Condition()
         self._by_range: dict[LayerRange, Standby] = {}
         self._taken: dict[tuple[str, LayerRange], Standby] = {}  # (node, range) -> a standby that took over
-        self._queue: dict[tuple[str, LayerRange], tuple[object, Checkpoint]] = {}  # newest per session and range
-        self._joined: dict[tuple[str, LayerRange], tuple[int, str, bytes]] = {}  # last full state forwarded
+        self._queue: dict[tuple[str, LayerRange], tuple[object, list[Checkpoint]]] = {}  # to send, in order
         # Held while a checkpoint goes to a standby: a takeover or a drop waits for it.
         self._forwarding = threading.RLock()
         self._generation = 0  # raised by every plan: a load ordered before it no longer counts
         self._due = False
         self._enabled = enabled
         self._stop = threading.Event()
-        self.forward_cpu_s = 0.0  # CPU time the forwarding thread spent (joins, and imports into a standby here)
+        self.forward_cpu_s = 0.0  # CPU time the forwarding thread spent
 
     # ------------------------------------------------------------ what others ask
 
@@ -100,7 +99,6 @@ class Standbys:
             self._by_range.clear()
             self._taken.clear()
             self._queue.clear()
-            self._joined.clear()
             self._due = True
             self._cond.notify_all()
 
@@ -150,19 +148,26 @@ class Standbys:
                 del self._by_range[layers]
                 for key in [k for k in self._queue if k[1] == layers]:
                     del self._queue[key]
-                for key in [k for k in self._joined if k[1] == layers]:
-                    del self._joined[key]
                 self._taken[(sb.node_id, layers)] = sb
                 self._due = True  # guard the other ranges with what memory is left
                 self._cond.notify_all()
         return sb
 
-    def holds(self, node_id: str, layers: LayerRange, session: str) -> tuple[int, str]:
-        """(positions, lineage) of the checkpoint of `session` that a standby that took `layers` over holds
-        ((0, ''): none)."""
+    def catch_up(self, node_id: str, layers: LayerRange, session: str, checkpoint: Checkpoint) -> list[bytes] | None:
+        """For a standby that took `layers` over: the deltas that bring what it holds of `session` to
+        `checkpoint`, oldest first (often none); None when it holds no earlier state of that chain."""
         with self._cond:
             sb = self._taken.get((node_id, layers))
-            return sb.held.get(session, (0, "")) if sb is not None else (0, "")
+            held = sb.held.get(session) if sb is not None else None
+        if held is None or not checkpoint.positions:
+            return None
+        out, c = [], checkpoint
+        while (c.positions, c.lineage) != held:
+            if c.parent is None or c.positions < held[0]:
+                return None
+            out.append(c.blob)
+            c = c.parent
+        return out[::-1]
 
     def was_standby(self, node_id: str, layers: LayerRange) -> bool:
         with self._cond:
@@ -174,7 +179,11 @@ class Standbys:
             sb = self._by_range.get(layers)
             if sb is None or sb.state != "ready":
                 return
-            self._queue[(session.sid, layers)] = (session, checkpoint)  # a newer one replaces one not sent yet
+            key = (session.sid, layers)
+            waiting = self._queue.get(key, (session, []))[1]
+            if checkpoint.parent is None or len(waiting) >= MAX_QUEUED:
+                waiting = []  # a whole state (or too many behind): what waits is no longer needed
+            self._queue[key] = (session, waiting + [checkpoint])
             self._cond.notify_all()
 
     def reports(self) -> tuple[m.StandbyReport, ...]:
@@ -308,9 +317,9 @@ class Standbys:
                 swept = time.monotonic()
                 self._sweep()
 
-    def _forward(self, key: tuple[str, LayerRange], session, checkpoint: Checkpoint) -> None:
-        """Import one checkpoint into the standby's replica (the session opened there anew, with the sampler's
-        history up to the checkpoint)."""
+    def _forward(self, key: tuple[str, LayerRange], session, checkpoints: list[Checkpoint]) -> None:
+        """Have the standby hold these checkpoints of one session (nothing is imported until it takes over):
+        each delta as it came when the standby holds the state it builds on, else the whole state."""
         sid, layers = key
         with self._forwarding:
             with self._cond:
@@ -318,37 +327,23 @@ class Standbys:
             x = self._members.get(sb.node_id) if sb is not None and sb.state == "ready" else None
             if x is None or self._find(sid) is None:
                 return
-            try:
-                blob = self._full(key, checkpoint)
-                at = checkpoint.positions
-                peer = self._peers.of(x)
-                keep = max(256, session.sampling.repeat_last_n)
-                history = tuple(session.tokens[:at][-keep:])
-                peer.open_session(m.OpenSession(sid, layers, session.sampling, history, session.epoch))
-                peer.import_state(m.ImportState(sid, layers, at, session.epoch), blob)
-            except SwarmError as e:  # the standby is gone or busy: a later checkpoint (or the store) will do
-                log.warning("checkpoint of session %s not forwarded to the standby of layers %s: %s", sid, layers, e)
+            peer = self._peers.of(x)
+            for c in checkpoints:
                 with self._cond:
-                    sb.held.pop(sid, None)
-                return
-            with self._cond:
-                sb.held[sid] = (at, checkpoint.lineage)
-                sb.received += 1
-
-    def _full(self, key: tuple[str, LayerRange], checkpoint: Checkpoint) -> bytes:
-        """The checkpoint's full state, joined onto the last one forwarded when it is part of the same chain
-        (a delta's few cells instead of the whole chain again)."""
-        before = self._joined.get(key)
-        chain, c = [], checkpoint
-        while c is not None and before is not None and (c.positions, c.lineage) != before[:2] and c.parent is not None:
-            chain.append(c.blob)
-            c = c.parent
-        if before is not None and c is not None and (c.positions, c.lineage) == before[:2] and chain:
-            blob = join_kv([before[2]] + chain[::-1])
-        else:
-            blob = checkpoint.state()
-        self._joined[key] = (checkpoint.positions, checkpoint.lineage, blob)
-        return blob
+                    held = sb.held.get(sid)
+                fits = c.parent is not None and held == (c.parent.positions, c.parent.lineage)
+                try:
+                    peer.import_state(m.ImportState(sid, layers, epoch=session.epoch, mode=m.HOLD),
+                                      c.blob if fits else c.state())
+                except SwarmError as e:  # the standby is gone or busy: a later checkpoint (or the store) will do
+                    log.warning("checkpoint of session %s not forwarded to the standby of layers %s: %s", sid,
+                                layers, e)
+                    with self._cond:
+                        sb.held.pop(sid, None)
+                    return
+                with self._cond:
+                    sb.held[sid] = (c.positions, c.lineage)
+                    sb.received += 1
 
     def _sweep(self) -> None:
         """Close on the standbys the sessions that ended (each holds a KV slot there)."""
@@ -356,7 +351,6 @@ class Standbys:
             ended = [(sb, sid) for sb in self._by_range.values() for sid in sb.held if self._find(sid) is None]
             for sb, sid in ended:
                 sb.held.pop(sid, None)
-                self._joined.pop((sid, sb.layers), None)
         for sb, sid in ended:
             x = self._members.get(sb.node_id)
             if x is not None:

@@ -355,12 +355,8 @@ class Shard:
             blob = _pack_kv(head, payload)
         return blob, n_past, (KVBase(head["lineage"], n_past, edit, tuple(held)) if held is not None else None)
 
-    def import_kv(self, session: str, blob: bytes) -> None:
-        """Load a blob from `export_kv` into `session` (opened if needed), replacing its KV cache."""
-        head, payload = _parse_kv_blob(blob)
-        if "base" in head:
-            raise KVStateError("this KV state holds only what changed since an earlier one; put them together "
-                               "with join_kv first")
+    def check_kv_header(self, head: dict) -> None:
+        """Refuse (KVStateError) a KV blob's header (`kv_header`) that another shard or layout wrote."""
         if head["shard_id"] != self.info.shard_id:
             a, b = head["layers"]
             raise KVStateError(
@@ -376,9 +372,17 @@ class Shard:
                     f"this KV state comes from a shard loaded with {key}={head.get(key)}, this one has "
                     f"{key}={mine}; load the receiving shard with the same {key}"
                 )
+        if not 0 <= head["n_past"] <= self.n_ctx:
+            raise KVStateError(f"KV state holds {head['n_past']} positions but this shard's context holds {self.n_ctx}")
+
+    def import_kv(self, session: str, blob: bytes) -> None:
+        """Load a blob from `export_kv` into `session` (opened if needed), replacing its KV cache."""
+        head, payload = _parse_kv_blob(blob)
+        if "base" in head:
+            raise KVStateError("this KV state holds only what changed since an earlier one; put them together "
+                               "with join_kv first")
+        self.check_kv_header(head)
         n_past = head["n_past"]
-        if not 0 <= n_past <= self.n_ctx:
-            raise KVStateError(f"KV state holds {n_past} positions but this shard's context holds {self.n_ctx}")
         window_start = 0
         if payload:
             # Every layout the supported architectures export is understood: one that is not (damaged, forged,

@@ -39,9 +39,24 @@ class Handover:
 
     def import_state(self, state: m.ImportState, blob: bytes) -> int:
         """Load a session's KV state into one shard (the session must be open), with the kept outputs;
-        the positions it holds then."""
+        the positions it holds then. A standby holds the state instead (`m.HOLD`: nothing is imported)
+        and imports what it holds when it takes over (`m.HELD`)."""
         entry = self._shelf.entry(state.layers)
         sid = check_session_id(state.session)
+        if state.mode not in (m.IMPORT_NOW, m.HOLD, m.HELD):
+            raise BadInputError(f"unknown import mode {state.mode[:40]!r}; use '', 'hold' or 'held'")
+        if state.mode == m.HOLD:
+            if state.kept:
+                raise BadInputError("a held KV state comes without kept outputs")
+            positions = entry.held.hold(sid, blob)
+            self._touch(sid)
+            return positions
+        if state.mode == m.HELD:
+            if blob:
+                raise BadInputError("an import of the held KV state carries no state of its own")
+            if sid not in entry.shard.sessions():
+                raise BadInputError(f"session {sid!r} is not open on layers {entry.shard.layers}; open it first")
+            blob = entry.held.take(sid)
         if sid not in entry.shard.sessions():
             raise BadInputError(f"session {sid!r} is not open on layers {entry.shard.layers}; open it first")
         width = 4 * entry.shard.n_embd

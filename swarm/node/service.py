@@ -156,6 +156,7 @@ class Node:
             self._last_used.pop(session, None)
         for entry in self.shelf.entries():
             entry.forget(session)
+            entry.held.drop(session)
 
     def start_step(self, step: m.Step, caller=None) -> Onward:
         """Run this node's layers for one step and send it on (see `Stepper.start`)."""

@@ -23,6 +23,7 @@ from ..sampling import Sampler
 from ..slicing import shard_info
 from ..rangefetch import fetch_shard_via_url
 from ..transfer import Fetch
+from .held import HeldStates
 from .kept import OutputLog
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ class LoadedShard:
     # Held across (attempt check, compute, step count) and across rewinds, so a stale step cannot slip
     # between a recovery's rewind and the retried step.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # A standby's checkpoints of each session, not imported yet (kept when a session is opened again).
+    held: HeldStates = field(init=False)
+
+    def __post_init__(self):
+        self.held = HeldStates(self.shard.check_kv_header)
 
     def bump(self, session: str) -> int:
         self.steps[session] = n = self.steps.get(session, 0) + 1
@@ -60,6 +66,7 @@ class LoadedShard:
         self.epochs[session] = epoch
 
     def forget(self, session: str) -> None:
+        """Close the session on this shard (what a standby holds of it stays: `held.drop`)."""
         self.samplers.pop(session, None)
         self.steps.pop(session, None)
         self.epochs.pop(session, None)

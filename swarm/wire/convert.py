@@ -232,7 +232,7 @@ def handoff_of(r: pb.HandoffRequest) -> m.Handoff:
 
 def import_pieces(state: m.ImportState, blob: bytes) -> Iterator[pb.ImportKVRequest]:
     first = pb.ImportKVRequest(session_id=state.session, layers=span(state.layers), keep_from=state.keep_from,
-                               epoch=state.epoch)
+                               epoch=state.epoch, mode=state.mode)
     kept = [pb.KeptStep(start=k.start, tokens=k.tokens, hidden=k.hidden) for k in state.kept]
     return _pieces(first, blob, kept)
 
@@ -241,7 +241,7 @@ def import_of(pieces: Iterable[pb.ImportKVRequest]) -> tuple[m.ImportState, byte
     first, blob = _joined(pieces)
     kept = tuple(m.KeptStep(int(k.start), tuple(k.tokens), bytes(k.hidden)) for k in first.kept)
     return m.ImportState(first.session_id, layers_of(first.layers), int(first.keep_from), int(first.epoch),
-                         kept), blob
+                         kept, first.mode), blob
 
 
 def checkpoint_pieces(c: m.Checkpoint, blob: bytes) -> Iterator[pb.Checkpoint]:
