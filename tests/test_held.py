@@ -144,7 +144,7 @@ def test_wrong_pieces_are_refused_and_what_was_held_stays_usable(pair, model_pat
     assert np.array_equal(serving.forward("s", x, pos), entry.shard.forward("s", x, pos))
 
 
-def test_closing_a_session_drops_what_is_held_but_opening_it_again_does_not(pair):
+def test_closing_a_session_or_importing_it_drops_what_is_held_but_opening_it_again_does_not(pair):
     serving, entry, handover = pair
     chain, pos = _checkpoints(serving, np.random.default_rng(4), [20])
     _hold(handover, chain[0])
@@ -152,3 +152,10 @@ def test_closing_a_session_drops_what_is_held_but_opening_it_again_does_not(pair
     assert entry.held.holds("s")[0] == pos
     entry.held.drop("s")  # what closing it does
     assert entry.held.holds("s") == (0, "") and entry.held.nbytes() == 0
+    _hold(handover, chain[0])
+    entry.shard.open_session("s")
+    with pytest.raises(BadInputError):  # a refused import leaves what is held alone
+        handover.import_state(m.ImportState("s", LAST, kept=(m.KeptStep(0, (1,), b"x"),)), chain[0])
+    assert entry.held.holds("s")[0] == pos
+    assert handover.import_state(m.ImportState("s", LAST), chain[0]) == pos  # handed over whole: supersedes it
+    assert entry.held.holds("s") == (0, "")

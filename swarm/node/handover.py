@@ -78,6 +78,7 @@ class Handover:
                 entry.shard.rollback(sid, 0)
                 raise BadInputError(f"kept outputs go beyond the {held} positions the KV state holds")
             entry.kept.replace(sid, list(state.kept), state.keep_from)
+        entry.held.drop(sid)  # (a standby that was handed the session: what it held is superseded)
         self._touch(sid)
         return held
 
