@@ -26,6 +26,8 @@ Part `standby-cost` compares decode with standbys on and off the same way (failo
     python scripts/bench_recovery.py                      # contexts 128,512,2048, 3 rounds
     python scripts/bench_recovery.py --parts cost --contexts 128,2048 --rounds 24
     python scripts/bench_recovery.py --parts standby,standby-cost --contexts 128,512,2048 --rounds 3
+    python scripts/large_random_model.py /tmp/large-random.gguf
+    python scripts/bench_recovery.py --model /tmp/large-random.gguf --parts standby --contexts 128 --cold /tmp/cold
     git worktree add /tmp/old REV && python scripts/bench_recovery.py --parts stalls,detection --baseline /tmp/old
 
 With `--baseline DIR` this script only drives: each round runs this checkout's bench and DIR's (its own
@@ -55,11 +57,11 @@ NODES = ["0:6", "6:12", "12:18"]
 
 
 class Bench:
-    def __init__(self, model, threads: int):
+    def __init__(self, model, threads: int, cold: str | None = None):
         from swarm import join
         from swarm.client import SwarmClient
 
-        self.model, self.threads = model, threads
+        self.model, self.threads, self.cold = model, threads, cold
         self.running = join.start_coordinator(
             model, swarm=f"bench-recovery-{os.getpid()}", host="127.0.0.1", port=0, threads=threads, n_ctx=CTX,
             max_sessions=2, mdns_interface="off", name="coordinator", standbys=False)
@@ -75,6 +77,8 @@ class Bench:
         cmd = [sys.executable, "-m", "swarm.cli", "join", "--coordinator", self.running.address, "--host", "127.0.0.1",
                "--mdns-interface", "off", "--name", f"node-{layers}", "--layers", layers, "--threads", str(self.threads)]
         env = dict(os.environ, SWARM_KEY=self.running.key)
+        if self.cold:  # a copy of its own, as on another machine: the coordinator's copy is not mapped by it
+            env["SWARM_CACHE_DIR"] = os.path.join(self.cold, f"node-{layers.replace(':', '-')}")
         self.procs[layers] = subprocess.Popen(cmd, stdout=self.logs, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -107,6 +111,10 @@ class Bench:
 
     def trial(self, prompt: str, n: int, layers: str, sig: int, expected: list[int]) -> dict:
         before = len(self.client.status()["recoveries"])
+        if self.cold:  # what no process maps leaves the page cache: the successor's copy comes from the disk
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1")
         gen = self.client.generate(prompt, max_tokens=n)
         signalled = None
         for _ in gen:
@@ -216,6 +224,9 @@ def main() -> int:
     ap.add_argument("--control", action="store_true",
                     help="cost part: run both arms with failover on, to see the method's own scatter")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cold", metavar="DIR", help="give each node a shard cache of its own under DIR and empty the "
+                    "page cache before each trial (Linux, as root), so that a successor reads the lost range from "
+                    "the disk, as a machine that did not just use the file would")
     ap.add_argument("--parts", default="stalls,detection,cost", help="which measurements to run")
     ap.add_argument("--baseline", metavar="DIR", help="also run the bench of this checkout (stalls and detection), "
                     "round by round in turn with this code")
@@ -229,7 +240,9 @@ def main() -> int:
     model = resolve_model(args.model)
     threads = args.threads or default_threads()
     contexts = [int(c) for c in args.contexts.split(",")]
-    bench = Bench(model, threads)
+    if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        raise SystemExit("--cold empties the page cache through /proc/sys/vm/drop_caches: run it as root on Linux")
+    bench = Bench(model, threads, args.cold)
     n = KILL_AT + 96  # enough steps after the signal for a leaving node's handover to land mid-generation
     rows, detect, cost = [], {"kill -9": [], "SIGSTOP": []}, []
     standby_rows, standby_cost = [], []

@@ -4,7 +4,9 @@ own import handler (`Handover.import_state` with `m.HOLD` and `m.HELD`).
 
 What it imports at the takeover must compute exactly what the shard that took the checkpoints computes
 next, past the 512-position sliding window too, and a chain longer than MAX_LINKS (put together on the
-way) as well. Wrong pieces are refused with a clear error, and what was held before them stays usable.
+way) as well. Wrong pieces are refused with a clear error, and what was held before them stays usable;
+the node drops what it holds when a session closes, is imported whole, or is abandoned, and holds at most
+twice its session slots.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from swarm.errors import BadInputError, KVStateError
 from swarm.layers import LayerRange
 from swarm.node import held as held_module
 from swarm.node.handover import Handover
+from swarm.node import service as service_module
+from swarm.node.service import Node
 from swarm.node.shards import LoadedShard
 from swarm.slicing import slice_model
 
@@ -33,6 +37,9 @@ class _Shelf:
     def entry(self, layers: LayerRange) -> LoadedShard:
         assert layers == self._entry.shard.layers
         return self._entry
+
+    def entries(self) -> list[LoadedShard]:
+        return [self._entry]
 
 
 def _settings() -> m.ContextSettings:
@@ -139,23 +146,46 @@ def test_wrong_pieces_are_refused_and_what_was_held_stays_usable(pair, model_pat
         handover.import_state(m.ImportState("nothing", LAST, mode=m.HELD), b"")
     for blob in chain[1:]:  # nothing refused above changed what is held
         _hold(handover, blob)
+    with pytest.raises(BadInputError, match="kept outputs"):  # an import of it that is refused keeps it held
+        handover.import_state(m.ImportState("s", LAST, mode=m.HELD, kept=(m.KeptStep(0, (1,), b"x"),)), b"")
+    assert entry.held.holds("s")[0] == pos
     assert _take_over(handover, entry) == pos
     x = _x(serving, rng, 1)
     assert np.array_equal(serving.forward("s", x, pos), entry.shard.forward("s", x, pos))
 
 
-def test_closing_a_session_or_importing_it_drops_what_is_held_but_opening_it_again_does_not(pair):
-    serving, entry, handover = pair
+def test_a_node_drops_what_is_held_when_the_session_closes_or_imports_but_not_when_it_reopens(pair):
+    serving, entry, _ = pair
+    node = Node(peers=None)  # the node's own session handling, on this one shard
+    node.shelf = _Shelf(entry)
+    node._handover = Handover(node.shelf, peers=None, touch=node._touch)
     chain, pos = _checkpoints(serving, np.random.default_rng(4), [20])
-    _hold(handover, chain[0])
-    entry.forget("s")  # what (re)opening a session does on a node
-    assert entry.held.holds("s")[0] == pos
-    entry.held.drop("s")  # what closing it does
+    hold = m.ImportState("s", LAST, mode=m.HOLD)
+    assert node.import_state(hold, chain[0]) == pos
+    node.open_session(m.OpenSession("s", LAST))
+    assert entry.held.holds("s")[0] == pos  # (re)opening the session keeps it: the takeover opens it first
+    node.close_session("s")
     assert entry.held.holds("s") == (0, "") and entry.held.nbytes() == 0
-    _hold(handover, chain[0])
-    entry.shard.open_session("s")
+    node.import_state(hold, chain[0])
+    node.open_session(m.OpenSession("s", LAST))
     with pytest.raises(BadInputError):  # a refused import leaves what is held alone
-        handover.import_state(m.ImportState("s", LAST, kept=(m.KeptStep(0, (1,), b"x"),)), chain[0])
+        node.import_state(m.ImportState("s", LAST, kept=(m.KeptStep(0, (1,), b"x"),)), chain[0])
     assert entry.held.holds("s")[0] == pos
-    assert handover.import_state(m.ImportState("s", LAST), chain[0]) == pos  # handed over whole: supersedes it
+    assert node.import_state(m.ImportState("s", LAST), chain[0]) == pos  # handed over whole: supersedes it
     assert entry.held.holds("s") == (0, "")
+
+
+def test_a_standby_holds_at_most_twice_its_sessions_and_ages_out_what_no_one_names(pair, monkeypatch):
+    serving, entry, _ = pair
+    node = Node(peers=None)
+    node.shelf = _Shelf(entry)
+    node._handover = Handover(node.shelf, peers=None, touch=node._touch)
+    chain, _ = _checkpoints(serving, np.random.default_rng(5), [20])
+    for i in range(4):  # max_sessions 2
+        node.import_state(m.ImportState(f"s{i}", LAST, mode=m.HOLD), chain[0])
+    with pytest.raises(KVStateError, match="holds 4 sessions, its most"):
+        node.import_state(m.ImportState("s4", LAST, mode=m.HOLD), chain[0])
+    node.import_state(m.ImportState("s3", LAST, mode=m.HOLD), chain[0])  # one it holds: still taken
+    node._last_used["s0"] -= 2 * service_module.SESSION_IDLE_S  # abandoned by its coordinator
+    node.import_state(m.ImportState("s4", LAST, mode=m.HOLD), chain[0])
+    assert entry.held.holds("s0") == (0, "") and entry.held.holds("s4")[0] == 20

@@ -168,7 +168,7 @@ class Recovery:
             for blob in deltas:
                 peer.import_state(m.ImportState(session.sid, hop.layers, epoch=session.epoch, mode=m.HOLD), blob)
             got = peer.import_state(m.ImportState(session.sid, hop.layers, keep, session.epoch, mode=m.HELD), b"")
-        except KVStateError as e:
+        except (KVStateError, BadInputError) as e:  # (a remote node's KVStateError arrives as BadInputError)
             log.warning("session %s: the standby of layers %s could not import what it held (%s); sending the "
                         "whole state", session.sid, hop.layers, e)
             return False

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_S = 1.0  # how often sessions that ended are closed on the standbys
 MAX_QUEUED = 64  # checkpoints waiting per session and range; past that only the newest is sent (whole)
+NOTHING = (0, "")  # what a standby holds of a session after a forward to it failed (it may hold anything)
 
 
 @dataclass
@@ -309,13 +310,16 @@ class Standbys:
                 if self._queue:
                     key = next(iter(self._queue))
                     item = (key, *self._queue.pop(key))
-            if item is not None:
-                cpu = time.thread_time()
-                self._forward(*item)
-                self.forward_cpu_s += time.thread_time() - cpu
-            elif time.monotonic() - swept >= SWEEP_S:
-                swept = time.monotonic()
-                self._sweep()
+            try:
+                if item is not None:
+                    cpu = time.thread_time()
+                    self._forward(*item)
+                    self.forward_cpu_s += time.thread_time() - cpu
+                elif time.monotonic() - swept >= SWEEP_S:
+                    swept = time.monotonic()
+                    self._sweep()
+            except Exception:  # a bug must not end forwarding for good: a takeover falls back to the store
+                log.exception("forwarding checkpoints to the standbys failed")
 
     def _forward(self, key: tuple[str, LayerRange], session, checkpoints: list[Checkpoint]) -> None:
         """Have the standby hold these checkpoints of one session (nothing is imported until it takes over):
@@ -339,16 +343,18 @@ class Standbys:
                     log.warning("checkpoint of session %s not forwarded to the standby of layers %s: %s", sid,
                                 layers, e)
                     with self._cond:
-                        sb.held.pop(sid, None)
+                        sb.held[sid] = NOTHING  # the next forward sends a whole state; the sweep still closes it
                     return
                 with self._cond:
                     sb.held[sid] = (c.positions, c.lineage)
                     sb.received += 1
 
     def _sweep(self) -> None:
-        """Close on the standbys the sessions that ended (each holds a KV slot there)."""
+        """Close the sessions that ended on the nodes they were sent to as standbys (which drops what they
+        hold of them), also on the standbys that took a range over."""
         with self._cond:
-            ended = [(sb, sid) for sb in self._by_range.values() for sid in sb.held if self._find(sid) is None]
+            ended = [(sb, sid) for sb in (*self._by_range.values(), *self._taken.values()) for sid in sb.held
+                     if self._find(sid) is None]
             for sb, sid in ended:
                 sb.held.pop(sid, None)
         for sb, sid in ended:

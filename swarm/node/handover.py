@@ -56,7 +56,7 @@ class Handover:
                 raise BadInputError("an import of the held KV state carries no state of its own")
             if sid not in entry.shard.sessions():
                 raise BadInputError(f"session {sid!r} is not open on layers {entry.shard.layers}; open it first")
-            blob = entry.held.take(sid)
+            blob = entry.held.whole(sid)  # (dropped below once imported: a refusal leaves it held)
         if sid not in entry.shard.sessions():
             raise BadInputError(f"session {sid!r} is not open on layers {entry.shard.layers}; open it first")
         width = 4 * entry.shard.n_embd
@@ -78,7 +78,7 @@ class Handover:
                 entry.shard.rollback(sid, 0)
                 raise BadInputError(f"kept outputs go beyond the {held} positions the KV state holds")
             entry.kept.replace(sid, list(state.kept), state.keep_from)
-        entry.held.drop(sid)  # (a standby that was handed the session: what it held is superseded)
+        entry.held.drop(sid)  # imported, or superseded by a whole state the standby was handed
         self._touch(sid)
         return held
 

@@ -28,11 +28,13 @@ class _Chain:
 
 
 class HeldStates:
-    """Per session, the chain of KV blobs a standby holds for one shard; thread-safe.
-    `check(head)` refuses (KVStateError) a blob header another shard or layout wrote."""
+    """Per session, the chain of KV blobs a standby holds for one shard, for at most `max_sessions`
+    sessions; thread-safe. `check(head)` refuses (KVStateError) a blob header another shard or layout
+    wrote."""
 
-    def __init__(self, check: Callable[[dict], None]):
+    def __init__(self, check: Callable[[dict], None], max_sessions: int):
         self._check = check
+        self._max = max_sessions
         self._lock = threading.Lock()
         self._chains: dict[str, _Chain] = {}
 
@@ -44,6 +46,9 @@ class HeldStates:
         blob = bytes(blob)
         with self._lock:
             chain = self._chains.get(session)
+            if chain is None and len(self._chains) >= self._max:
+                raise KVStateError(f"this standby already holds {len(self._chains)} sessions, its most; close "
+                                   "sessions that ended first")
             if "base" not in head:
                 self._chains[session] = _Chain(head["lineage"], head["n_past"], [blob])
                 return head["n_past"]
@@ -51,10 +56,10 @@ class HeldStates:
                 have = f"{chain.positions} positions of chain {chain.lineage}" if chain else "nothing of it"
                 raise KVStateError(f"this KV delta builds on {head['base']} positions of chain {head['lineage']}, "
                                    f"but this node holds {have}; send the whole state")
-            chain.blobs.append(blob)
-            chain.positions = head["n_past"]
-            if len(chain.blobs) > MAX_LINKS:
-                chain.blobs = [join_kv(chain.blobs)]
+            blobs = chain.blobs + [blob]
+            if len(blobs) > MAX_LINKS:
+                blobs = [join_kv(blobs)]  # (before anything changes: a chain that does not join stays as it was)
+            chain.blobs, chain.positions = blobs, head["n_past"]
             return chain.positions
 
     def holds(self, session: str) -> tuple[int, str]:
@@ -63,13 +68,14 @@ class HeldStates:
             chain = self._chains.get(session)
             return (chain.positions, chain.lineage) if chain else (0, "")
 
-    def take(self, session: str) -> bytes:
-        """The whole state held of `session`, put together; it is no longer held."""
+    def whole(self, session: str) -> bytes:
+        """The whole state held of `session`, put together (it stays held until `drop`)."""
         with self._lock:
-            chain = self._chains.pop(session, None)
-        if chain is None:
+            chain = self._chains.get(session)
+            blobs = list(chain.blobs) if chain else None
+        if blobs is None:
             raise KVStateError(f"this node holds no KV state of session {session!r}; send the whole state")
-        return join_kv(chain.blobs)
+        return join_kv(blobs)
 
     def drop(self, session: str) -> None:
         with self._lock:

@@ -136,13 +136,7 @@ class Node:
         if len(order.history) > entry.settings.n_ctx:
             raise BadInputError(f"a session's history is at most n_ctx ({entry.settings.n_ctx}) tokens")
         sampler = Sampler(order.sampling, history=list(order.history)) if entry.shard.role.gives_logits else None
-        now = time.monotonic()
-        with self._used_lock:
-            idle = [old for old, used in self._last_used.items() if now - used > SESSION_IDLE_S]
-        for old in idle:
-            log.warning("dropping session %s: unused for %.0f s (abandoned by its coordinator?)", old,
-                        now - self._last_used.get(old, now))
-            self.close_session(old)
+        self._drop_idle()
         with entry.lock:
             entry.forget(sid)
             entry.shard.open_session(sid)
@@ -150,6 +144,16 @@ class Node:
             self._touch(sid)
             if sampler is not None:
                 entry.samplers[sid] = sampler
+
+    def _drop_idle(self) -> None:
+        """Close the sessions no order has named for SESSION_IDLE_S (abandoned by their coordinator?)."""
+        now = time.monotonic()
+        with self._used_lock:
+            idle = [old for old, used in self._last_used.items() if now - used > SESSION_IDLE_S]
+        for old in idle:
+            log.warning("dropping session %s: unused for %.0f s (abandoned by its coordinator?)", old,
+                        now - self._last_used.get(old, now))
+            self.close_session(old)
 
     def close_session(self, session: str) -> None:
         with self._used_lock:
@@ -176,6 +180,8 @@ class Node:
         return self._handover.rewind(order)
 
     def import_state(self, state: m.ImportState, blob: bytes) -> int:
+        if state.mode == m.HOLD:  # a standby opens no sessions: what it holds ages out here
+            self._drop_idle()
         return self._handover.import_state(state, blob)
 
     def resend(self, order: m.Resend) -> int:

@@ -51,7 +51,8 @@ class LoadedShard:
     held: HeldStates = field(init=False)
 
     def __post_init__(self):
-        self.held = HeldStates(self.shard.check_kv_header)
+        # Twice the slots: an ended session's chain is dropped within a second, maybe after the next began.
+        self.held = HeldStates(self.shard.check_kv_header, 2 * self.settings.max_sessions)
 
     def bump(self, session: str) -> int:
         self.steps[session] = n = self.steps.get(session, 0) + 1
