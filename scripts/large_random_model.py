@@ -1,6 +1,6 @@
 """Write a large random-weight llama-family GGUF (18 layers, F16, about 2.2 GB) for benchmarks that need
-shards far larger than the default model's: each third of it is a 730 MB shard, twice the default
-model's largest (the one with the vocabulary) and 18 times its middle one.
+shards far larger than the default model's: each third of it is a 730 MB shard file, 3.5 times the
+default model's largest (about 210 MB, the ones with the vocabulary) and 33 times its middle one (22 MB).
 
 The weights are random (seeded), so the text is nonsense, but llama.cpp computes it like any model's
 and the swarm must still reproduce it exactly; the end-of-text token's output row is zero, so greedy

@@ -125,6 +125,7 @@ class Spare:
     free_bytes: int
     on_route: bool  # serves a range of the route (a standby there shares its memory and cores)
     files: frozenset[str] | None = frozenset()  # shard files it holds (None: every one, the coordinator)
+    serves: frozenset[LayerRange] = frozenset()  # ranges it serves now (one it took over, too): no standby of them
 
 
 def choose_standbys(ranges: list[Guarded], spares: list[Spare], on_route_too: bool = False) -> dict[LayerRange, str]:
@@ -135,17 +136,18 @@ def choose_standbys(ranges: list[Guarded], spares: list[Spare], on_route_too: bo
 
     The ranges a loss would cost most are guarded first: an unreliable holder, then the most bytes to
     load. Each gets a node off the route before one on it, then one that holds the shard file (no transfer),
-    then the one with the most room; never its own holder; at most one standby per range. Nothing when
-    no node has the memory."""
+    then the one with the most room; never its own holder nor a node that serves it already; at most one
+    standby per range. Nothing when no node has the memory."""
     for r in ranges:
         if r.need_bytes <= 0:
             raise BadInputError(f"a standby of layers {r.layers} needs a positive size, got {r.need_bytes}")
     free = {s.node_id: s.free_bytes for s in spares if on_route_too or not s.on_route}
     off_route = {s.node_id: not s.on_route for s in spares}
     files = {s.node_id: s.files for s in spares}
+    serves = {s.node_id: s.serves for s in spares}
     chosen: dict[LayerRange, str] = {}
     for r in sorted(ranges, key=lambda r: (-r.risk, -r.need_bytes, r.layers.start)):
-        fits = [n for n, f in free.items() if n != r.holder and f >= r.need_bytes]
+        fits = [n for n, f in free.items() if n != r.holder and r.layers not in serves[n] and f >= r.need_bytes]
         if r.layers in chosen or not fits:
             continue
         best = min(fits, key=lambda n: (not off_route[n], not (files[n] is None or r.shard_id in files[n]),

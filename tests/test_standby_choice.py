@@ -116,3 +116,9 @@ def test_a_node_that_holds_the_shard_file_is_preferred_so_nothing_is_transferred
     assert choose_standbys(route, spares, on_route_too=True) == {LAST: "a"}  # the most room among those with the file
     assert choose_standbys(route, spares[:2], on_route_too=True) == {LAST: "coord"}  # the coordinator holds every file
     assert choose_standbys(route, spares[:1] + [Spare("idle", 400 * MB, False)], on_route_too=True) == {LAST: "idle"}
+
+
+def test_a_node_never_stands_by_for_a_range_it_serves_already():
+    # The coordinator took LAST over from its lost node: until the route changes, LAST still names that node.
+    got = choose_standbys(ROUTE, [Spare("coord", 1 << 40, on_route=False, files=None, serves=frozenset({LAST}))])
+    assert LAST not in got and set(got) == {r.layers for r in ROUTE} - {LAST}

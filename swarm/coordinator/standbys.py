@@ -150,9 +150,7 @@ class Standbys:
                 for key in [k for k in self._queue if k[1] == layers]:
                     del self._queue[key]
                 self._taken[(sb.node_id, layers)] = sb
-                self._due = True  # guard the other ranges with what memory is left
-                self._cond.notify_all()
-        return sb
+        return sb  # (the caller records that the node serves it, then calls `rearrange`)
 
     def catch_up(self, node_id: str, layers: LayerRange, session: str, checkpoint: Checkpoint) -> list[bytes] | None:
         """For a standby that took `layers` over: the deltas that bring what it holds of `session` to
@@ -243,7 +241,8 @@ class Standbys:
         for x in live.values():
             held = self._placement.holding(x.node_id)
             spares.append(failover.Spare(x.node_id, x.usable_memory() - sum(need(r) for r in held.hosted()),
-                                         x.node_id in on_route, None if x.is_self else frozenset(held.files)))
+                                         x.node_id in on_route, None if x.is_self else frozenset(held.files),
+                                         frozenset(held.hosted())))
         chosen = failover.choose_standbys(guarded, spares, self._on_route_too)
         with self._cond:
             generation = self._generation
@@ -289,7 +288,8 @@ class Standbys:
     def _unload(self, sb: Standby) -> None:
         x = self._members.get(sb.node_id)
         route = self._placement.route() or ()
-        if x is None or any(h.node_id == sb.node_id and h.layers == sb.layers for h in route):
+        if x is None or any(h.node_id == sb.node_id and h.layers == sb.layers for h in route) or (
+                sb.layers in self._placement.holding(sb.node_id).hosted()):  # it serves the range now
             return
         try:
             self._peers.load(x, m.Load(None, drop=sb.layers))

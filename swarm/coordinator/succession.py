@@ -130,6 +130,7 @@ class Succession:
         x = self._members.get(sb.node_id) if sb is not None else None
         if x is not None:
             self._placement.took_over(x.node_id, layers, sb.shard_id)
+            self._standbys.rearrange()  # guard what is left with the memory left (never by the node that serves it)
             self._members.mark(x.node_id, "ready")
             log.info("node %s takes layers %s over from %s: it stood by (no load)", x.name, layers, gone.name)
             return RouteHop(x.node_id, x.address, layers, x.is_self, x.steps)
