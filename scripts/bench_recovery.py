@@ -12,8 +12,9 @@ uninterrupted run, reads the coordinator's recovery record, and restarts the bro
 - recompute: the same failure with rebuilding from kept states switched off (everything from tokens);
 - migrate: SIGTERM, the node hands each session's KV state to its successor between two steps;
 - standby (part `standby`): kill -9 of each range's node with and without standbys (the coordinator,
-  which has the memory, holds a loaded replica of every range and imports its checkpoints as they are
-  taken; off: the coordinator loads the lost range, as in replay).
+  which has the memory, holds a loaded replica of every range and is sent its checkpoints as they are
+  taken, which it holds and imports at the takeover; off: the coordinator loads the lost range, as in
+  replay). `--cold` makes that load read the disk (see `--help`).
 
 Stall is the coordinator's figure: from detecting the failure to the first token after it.
 Detection is measured from the signal: kill -9 (a dead process) and SIGSTOP (a hung one).

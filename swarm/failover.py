@@ -18,6 +18,11 @@ from .layers import LayerRange
 REPLAY_BUDGET_S = 0.3
 # A range with a standby is checkpointed more often: with no load to wait for, the replay is the stall.
 STANDBY_REPLAY_BUDGET_S = 0.12
+# ... and each of its steps counts this much on top of its compute: what replaying a step costs besides
+# the compute (the previous node sends it again, one message per step, and the new one takes it in),
+# about 3 ms per step on a 2-core machine over localhost; a range that computes little (a 22 MB middle
+# shard: 2-3 ms a step) otherwise went 50 steps between checkpoints and replayed them in 150-250 ms.
+REPLAY_STEP_S = 0.003
 # A node lost this many times within FLAP_WINDOW_S is kept out of plans for a while, doubling each time.
 FLAP_LOSSES = 2
 FLAP_WINDOW_S = 300.0
@@ -131,8 +136,8 @@ class Spare:
 def choose_standbys(ranges: list[Guarded], spares: list[Spare], on_route_too: bool = False) -> dict[LayerRange, str]:
     """Which node stands by for which range (range -> node id), within each node's free memory.
 
-    Only nodes off the route stand by unless `on_route_too`: keeping a standby current costs the CPU of
-    the node that holds it (an import per checkpoint), which a node on the route takes from its steps.
+    Only nodes off the route stand by unless `on_route_too`: loading a standby takes the cores of the node
+    that holds it (a repack of its weights), which a node on the route takes from its steps.
 
     The ranges a loss would cost most are guarded first: an unreliable holder, then the most bytes to
     load. Each gets a node off the route before one on it, then one that holds the shard file (no transfer),

@@ -11,11 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from swarm import failover
 from swarm import messages as m
 from swarm.coordinator import checkpoints as checkpoints_module
 from swarm.coordinator import standbys as standbys_module
 from swarm.coordinator.checkpoints import Checkpoint
 from swarm.coordinator.recovery import Recovery
+from swarm.coordinator.stepping import Stepper
 from swarm.coordinator.standbys import Standby, Standbys
 from swarm.errors import BadInputError, KVStateError, UnreachableError
 from swarm.layers import LayerRange
@@ -154,3 +156,32 @@ def test_a_standby_that_cannot_import_what_it_held_leaves_the_takeover_to_the_st
     recovery = Recovery(None, None, None, None, SimpleNamespace(of=lambda hop: Refusing()), None, 512, standbys)
     hop = SimpleNamespace(node_id="spare", layers=LAYERS)
     assert recovery._from_held(SimpleNamespace(sid="s", epoch=1), hop, _chain(2)[1], 0) is False
+
+
+def test_a_guarded_range_counts_what_a_replay_costs_per_step_not_only_its_compute():
+    """A range that computes 2 ms a step would go 60 steps (0.12 s) between checkpoints; with a standby
+    there is no load to wait for, so each step counts REPLAY_STEP_S more and it checkpoints every 25."""
+    first, last = LayerRange(0, 6), LayerRange(12, 18)
+
+    class Session:
+        route = [SimpleNamespace(layers=r, is_self=False) for r in (first, LAYERS, last)]
+        since: dict = {}
+        pending: set = set()
+
+        def take_pending(self):
+            asked, self.pending = self.pending, set()
+            return asked
+
+        def ask_checkpoint(self, *layers):
+            self.pending.update(layers)
+
+    stepper = Stepper(None, True, failover.REPLAY_BUDGET_S, guarded=lambda: frozenset({LAYERS}))
+    session, asked_at = Session(), {first: [], LAYERS: [], last: []}
+    for step in range(1, 121):
+        stepper.note_compute(session, m.StepResult(timings=tuple(m.HopTiming(r, compute_ms=2.0)
+                                                                  for r in (first, LAYERS, last))))
+        for r in session.pending:
+            asked_at[r].append(step)
+    # 0.12 s / (2 ms + 3 ms); the step after an ask carries the checkpoint, and counting starts again there
+    assert asked_at[LAYERS] == [24, 49, 74, 99]
+    assert asked_at[first] == asked_at[last] == []  # unguarded: 0.3 s of compute alone, 150 steps

@@ -89,11 +89,13 @@ class Stepper:
     def note_compute(self, session: Session, result: m.StepResult) -> None:
         """Count each hop's compute since its last checkpoint; ask for one when a rebuild would cost too much."""
         asked = session.take_pending()
+        guarded = self._guarded()
         for timing in result.timings:
             layers = timing.layers
+            # With a standby there is no load to wait for: a replay's own cost per step counts too.
+            cost = timing.compute_ms / 1e3 + (failover.REPLAY_STEP_S if layers in guarded else 0.0)
             # A hop asked for a checkpoint exported it after this step's compute: nothing to replay since.
-            session.since[layers] = 0.0 if layers in asked else session.since.get(layers, 0.0) + timing.compute_ms / 1e3
-        guarded = self._guarded()
+            session.since[layers] = 0.0 if layers in asked else session.since.get(layers, 0.0) + cost
         standby_budget = min(self.replay_budget_s, failover.STANDBY_REPLAY_BUDGET_S)
         due = [h.layers for h in session.route if self.failover_enabled and not h.is_self
                and failover.should_checkpoint(session.since.get(h.layers, 0.0),
