@@ -370,6 +370,7 @@ class NodeReport:
     link: Link | None = None  # to the coordinator
     reason: str = ""  # the planner's word on this node
     outbound_only: bool = False  # reached through the coordinator's relay
+    relayed_because: str = ""  # why: it asked (--outbound-only), or the coordinator could not reach it
 
 
 @dataclass(frozen=True)

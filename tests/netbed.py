@@ -205,6 +205,11 @@ class NetBed:
             _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate}mbit",
                  "burst", str(burst), "latency", "50ms")
 
+    def cut(self, host: Host, up: bool = False) -> None:
+        """Pull `host`'s cable (both ends of its link down), or plug it back in with `up`."""
+        for ns, dev in host.link:
+            _run("ip", "-n", ns, "link", "set", dev, "up" if up else "down")
+
     def spawn(self, host: Host, args: list[str], **kwargs) -> subprocess.Popen:
         """Start a process on `host` (subprocess.Popen arguments); `close` stops it if it still runs."""
         proc = subprocess.Popen([*host.prefix, *args], **kwargs)

@@ -8,8 +8,10 @@ in the middle of the route. They join with
 nothing but the coordinator's address and the key; the coordinator must find out by itself that it
 cannot reach them and serve them through its relay. Greedy text through the swarm must be exactly plain
 llama-cpp-python's on the unsplit model, and stay so when one notebook is killed with -9 in the middle of
-a generation and when the other leaves (SIGTERM) in the middle of the next one. The client runs on the
-coordinator's home host (tests/netbed_client.py): nothing in the namespaces is reachable from here.
+a generation and when the other leaves (SIGTERM) in the middle of the next one; then a notebook that joins
+again has its cable pulled mid-generation, and one started with --leave-after leaves by itself. The client
+runs on the coordinator's home host (tests/netbed_client.py): nothing in the namespaces is reachable from
+here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,12 +51,28 @@ class Bed:
         nodes = [("home1", h1, ["--host", h1.address, "--layers", "0:6"]),
                  ("notebook0", self.bed.notebooks[0], ["--layers", "6:9"]),
                  ("notebook1", self.bed.notebooks[1], ["--layers", "9:18"])]
+        self.tmp = tmp
         for name, host, extra in nodes:  # the notebooks: only where the coordinator is and the key
-            self.procs.append(Proc(["--key", KEY, "--name", name, "--coordinator", self.address,
-                                    "--mdns-interface", "off", *extra], tmp / f"{name}.log",
-                                   {"SWARM_CACHE_DIR": str(tmp / f"{name}-cache")}, prefix=host.prefix))
+            self.start(name, host, extra)
         self.client = self.bed.spawn(h0, [sys.executable, str(CLIENT)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+
+    def start(self, name: str, host, extra: list[str]) -> Proc:
+        """A node joining with only the coordinator's address and the key (its shard cache kept per host)."""
+        self.procs.append(Proc(["--key", KEY, "--name", name, "--coordinator", self.address, "--mdns-interface", "off",
+                                *extra], self.tmp / f"{name}.log",
+                               {"SWARM_CACHE_DIR": str(self.tmp / f"{host.name}-cache")}, prefix=host.prefix))
+        return self.procs[-1]
+
+    def wait_on_route(self, name: str) -> dict:
+        """Wait until node `name` serves its range on the swarm's route; its status entry."""
+        deadline = time.monotonic() + 300
+        while True:
+            nodes = _nodes(self.ask("wait", nodes=3)["status"])
+            if name in nodes and nodes[name]["has_layers"] and nodes[name]["state"] in ("ready", "idle"):
+                return nodes[name]
+            assert time.monotonic() < deadline, f"{name} never joined the route\n" + self.logs()
+            time.sleep(0.5)
 
     def proc(self, name: str) -> Proc:
         return next(p for p in self.procs if p.log.name == f"{name}.log")
@@ -169,3 +188,47 @@ def test_sigterm_of_a_notebook_mid_generation_keeps_the_text(swarm, reference):
     # ...and the swarm goes on serving, exactly, without any notebook.
     _, expected, _ = reference.run(PROMPTS[1], N)
     assert swarm.ask("generate", prompt=PROMPTS[1], n=N)["tokens"] == expected
+
+
+def test_a_cut_link_of_a_notebook_mid_generation_keeps_the_text(swarm, reference):
+    # A notebook joins again (its range was taken over by the coordinator), then its cable is pulled mid-
+    # generation: its relayed connections go silent rather than closed, and missed heartbeats find it out.
+    notebook_host = swarm.bed.notebooks[0]
+    notebook = swarm.start("notebook2", notebook_host, ["--layers", "6:9"])
+    assert swarm.wait_on_route("notebook2")["outbound_only"]
+    prompt = PROMPTS[2]
+    _, expected, _ = reference.run(prompt, N)
+    position = random.randrange(4, len(expected) - 8)
+    print(f"the cable of notebook2 (6:9) pulled after {position} tokens")
+    cut = []
+
+    def on_event(event):
+        if not cut and event["n"] >= position:
+            swarm.bed.cut(notebook_host)
+            cut.append(time.time())
+
+    assert swarm.ask("generate", on_event, prompt=prompt, n=N)["tokens"] == expected
+    assert cut, "the generation ended before the cable was pulled"
+    r = swarm.ask("status")["status"]["recoveries"][-1]
+    assert r["node"] == "notebook2" and (r["layers"]["start"], r["layers"]["end"]) == (6, 9), r
+    assert r["detection"].startswith("missed heartbeats") or r["detection"] == "call failed", r
+    assert r["path"] == "replay" and r["sessions"] == 1, r
+    notebook.stop()
+    swarm.bed.cut(notebook_host, up=True)
+
+
+def test_leave_after_of_a_notebook_keeps_the_text(swarm, reference):
+    # A notebook that knows when its session ends (--leave-after) leaves by itself during or between
+    # generations; every text stays exact, and the record says it left.
+    notebook = swarm.start("notebook3", swarm.bed.notebooks[1], ["--layers", "9:18", "--leave-after", "60s"])
+    assert swarm.wait_on_route("notebook3")["outbound_only"]
+    prompt = PROMPTS[0]
+    _, expected, _ = reference.run(prompt, N)
+    deadline = time.monotonic() + 180
+    while notebook.p.poll() is None:
+        assert time.monotonic() < deadline, notebook.text()
+        assert swarm.ask("generate", prompt=prompt, n=N)["tokens"] == expected
+    assert notebook.p.wait(60) == 0 and "--leave-after 60s is up" in notebook.text()
+    r = swarm.ask("status")["status"]["recoveries"][-1]
+    assert r["node"] == "notebook3" and r["detection"] == "left" and r["path"] in ("migrate", "none"), r
+    assert swarm.ask("generate", prompt=prompt, n=N)["tokens"] == expected

@@ -9,6 +9,7 @@ namespaces, with a node that takes no connection at all and is found out at its 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -20,9 +21,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from conftest import PROMPTS
 from procs import Swarm
+from swarm.cli.status import show
 from swarm.models import gemma_path
 
 N = 96
@@ -50,6 +53,13 @@ def test_an_outbound_only_node_is_reached_through_the_relay(swarm, reference):
     status = swarm.client.status()
     relayed, direct = _node(status, "node1"), _node(status, "node0")
     assert relayed["outbound_only"] and not direct["outbound_only"]
+    assert relayed["relayed_because"] == "it asked to be (--outbound-only)" and not direct.get("relayed_because")
+    console = Console(file=io.StringIO(), width=300)
+    show(console, status)  # what `swarm status` prints: the relayed hops, and why
+    shown = console.file.getvalue()
+    assert "0:9 on node0 -> 9:18 on node1 (relayed)" in shown, shown
+    assert ("node1: outbound-only: it asked to be (--outbound-only); every hop into it and out of it goes "
+            "through the coordinator's relay") in shown, shown
     assert relayed["state"] == "ready" and relayed["layers"] == {"start": 9, "end": 18}
     # Its address is the relay's port for it, not the port the node serves on.
     served_on = int(swarm.procs[2].text().split("serving on port ")[1].split()[0])
@@ -132,6 +142,7 @@ def test_a_node_no_one_can_reach_is_found_out_and_relayed(tmp_path, reference):
         assert result["tokens"] == expected
         nodes = {n["name"]: n for n in result["status"]["nodes"]}
         assert nodes["node1"]["outbound_only"] and not nodes["node0"]["outbound_only"], nodes
+        assert nodes["node1"]["relayed_because"].startswith("the coordinator could not reach it at "), nodes
         assert nodes["node1"]["address"].startswith(lab.address(0) + ":")
         assert "(it did not answer)" in procs[0].text()
         assert f"listening on {coordinator} " in procs[0].text() and "loopback" not in procs[0].text()

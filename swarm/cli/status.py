@@ -59,22 +59,24 @@ def show(console: Console, status: dict, rates: dict[str, float] | None = None) 
     console.print(f"model {status['model_name']} ({status['n_layer']} layers), context {status['n_ctx']} x "
                   f"{status['max_sessions']} sessions", soft_wrap=True)
     nodes = sorted(status["nodes"], key=lambda n: (n["layers"]["start"] if n["has_layers"] else 1 << 30))
+    relayed = {n["name"] for n in nodes if n.get("outbound_only")}
     spans = sorted([(n["layers"], n["name"], "") for n in nodes if n["has_layers"]]
                    + [(r, n["name"], " (taken over)") for n in nodes for r in n.get("extra_layers", [])],
                    key=lambda x: x[0]["start"])
+    spans = [(r, name, how + (" (relayed)" if name in relayed else "")) for r, name, how in spans]
     console.print("route: " + (" -> ".join(f"{_span(r)} on {name}{how}" for r, name, how in spans) or "none yet"),
                   soft_wrap=True)
     console.print(_nodes_table(nodes))
     console.print("(c) coordinator, * pinned with --layers, +A:B taken over from a node that failed or left"
-                  + (", (r) outbound-only: reached through the coordinator's relay"
+                  + (", (r) outbound-only: reached through the coordinator's relay, its hops marked (relayed)"
                      if any(n.get("outbound_only") for n in nodes) else ""), style="dim", soft_wrap=True)
     console.print(_measured_table(nodes))
     console.print("decode and prefill: cost per byte of weights; a fixed cost per step; the link to the coordinator",
                   style="dim", soft_wrap=True)
     for n in nodes:
         devices = ", ".join(f"{d['name']} ({d['type']})" for d in n["resources"].get("devices", []))
-        relayed = n.get("outbound_only") and ("outbound-only (behind NAT or --outbound-only): hops into it are "
-                                               "relayed through the coordinator")
+        relayed = n.get("outbound_only") and (f"outbound-only: {n.get('relayed_because') or 'reached through a relay'}; "
+                                               "every hop into it and out of it goes through the coordinator's relay")
         notes = [x for x in ((n.get("profile") or {}).get("reason"), n.get("detail"), devices and f"devices {devices}",
                              relayed) if x]
         for note in notes:

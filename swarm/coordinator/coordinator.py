@@ -154,6 +154,9 @@ class Coordinator:
             raise
         if endpoint is not None:
             member.relay_token = endpoint.token
+            member.relay_reason = ("it asked to be (--outbound-only)" if request.outbound_only else
+                                   f"the coordinator could not reach it at {origin} when it joined (behind NAT "
+                                   "or a firewall?)")
             log.info("node %s at %s is outbound-only%s: relayed at %s (steps %s)", member.name, origin,
                      "" if request.outbound_only else " (it did not answer)", address, steps)
         log.info("node %s joined from %s (%s MB for the swarm%s)", member.name, address, member.usable_memory() >> 20,

@@ -46,6 +46,7 @@ class Member:
     excluded_until: float = 0.0  # failed to be measured or to load: left out of plans until then
     leaves_at: float = 0.0  # time.monotonic() of its --leave-after deadline (0: none)
     relay_token: str = ""  # outbound-only: reached at the relay's ports for it (its address and steps)
+    relay_reason: str = ""  # why it is relayed (shown by `swarm status`)
 
     def __post_init__(self) -> None:
         # Plan with what the node had free when it joined: once it holds a shard, its free memory

@@ -74,7 +74,8 @@ def status_pb(s: m.StatusReport) -> pb.StatusReply:
             node_id=n.node_id, name=n.name, address=n.address, step_address=n.steps,
             resources=resources_pb(n.resources), has_layers=n.layers is not None, pinned=n.pinned, state=n.state,
             last_seen_s=n.last_seen_s, is_coordinator=n.is_coordinator, detail=n.detail,
-            outbound_only=n.outbound_only, extra_layers=[span(r) for r in n.extra_layers])
+            outbound_only=n.outbound_only, relayed_because=n.relayed_because,
+            extra_layers=[span(r) for r in n.extra_layers])
         if n.layers is not None:
             ns.layers.CopyFrom(span(n.layers))
         if n.profile is not None:
