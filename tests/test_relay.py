@@ -1,6 +1,7 @@
 """The relay on 127.0.0.1: bytes cross it intact both ways, many connections at once, the pool refills,
-a node's control connection comes back, a peer of a node that is gone is closed at once, and a node
-without the swarm key is refused."""
+a node's control connection comes back, a peer of a node that is gone is closed at once, a node
+without the swarm key is refused, and a flood of silent connections meets a limit while nodes still get
+in."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 import pytest
 
 from swarm.wire import relay as rl
+from swarm.wire.relay_client import RelayClient
 
 KEY = "relay-test-key-of-the-tests"
 
@@ -54,7 +56,7 @@ def lab():
 
     def node(key=KEY, pool=4, name="nb"):
         e = relay.open(name)
-        client = rl.RelayClient(("127.0.0.1", relay.port), e.token, key, {"grpc": grpc_srv.port, "steps": step_srv.port},
+        client = RelayClient(("127.0.0.1", relay.port), e.token, key, {"grpc": grpc_srv.port, "steps": step_srv.port},
                                 pool=pool)
         made.append(client)
         return e, client
@@ -244,3 +246,21 @@ def test_a_relayed_node_dials_out_through_the_relay_only_to_the_swarms_addresses
         server.close()
         member.close()
         outsider.close()
+
+
+def test_a_flood_of_silent_connections_is_closed_at_once_and_nodes_still_get_in(lab):
+    relay, node = lab
+    silent = [socket.create_connection(("127.0.0.1", relay.port), timeout=5) for _ in range(rl.MAX_PENDING)]
+    try:
+        assert _wait(lambda: relay._greeting._value == 0)  # every hello slot held by a silent connection
+        extra = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+        t0 = time.monotonic()
+        assert extra.recv(1) == b"" and time.monotonic() - t0 < 2  # closed at once, not after 10 s
+        extra.close()
+    finally:
+        for s in silent:
+            s.close()
+    assert _wait(lambda: relay._greeting._value == rl.MAX_PENDING)  # their slots free as they close
+    e, client = node()
+    assert client.connected.wait(5)
+    _exchange(e.ports["grpc"], b"still relayed", b"G")

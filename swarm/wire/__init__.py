@@ -21,7 +21,8 @@ from .codes import from_rpc, status_for
 from .convert import KV_PIECE
 from .coordinator import CoordinatorLink
 from .nodes import NodeRegistry, RemoteNode
-from .relay import Relay, RelayClient
+from .relay import Relay
+from .relay_client import RelayClient
 from .servicers import CoordinatorServicer, NodeServicer
 from .steps import StepContext, StepLinks, StepServer
 

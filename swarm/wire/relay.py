@@ -17,7 +17,6 @@ import logging
 import secrets
 import select
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -33,6 +32,7 @@ WAIT_S = 5.0  # how long a peer's connection waits for a reverse connection (or 
 PING_S = 5.0
 SILENT_S = 15.0  # a control connection silent this long is dead
 MAX_FRAME = 4096
+MAX_PENDING = 32  # connections in their hello at once (each for 10 s at most), as on the step stream
 TARGETS = ("grpc", "steps")
 CONTROL, REVERSE = b"C", b"R"  # a connection's first byte: a control connection (TLS follows) or a reverse one
 
@@ -148,6 +148,7 @@ class Relay:
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.port = self._sock.getsockname()[1]
         self._closed = False
+        self._greeting = threading.BoundedSemaphore(MAX_PENDING)  # connections in their hello
         threading.Thread(target=self._accept_nodes, name="relay", daemon=True).start()
 
     # ------------------------------------------------------------ endpoints
@@ -192,41 +193,60 @@ class Relay:
                 sock, _ = self._sock.accept()
             except OSError:
                 return
+            if not self._greeting.acquire(blocking=False):  # MAX_PENDING in their hello: a flood
+                _close(sock)
+                continue
             threading.Thread(target=self._greet, args=(_tune(sock),), name="relay-hello", daemon=True).start()
 
     def _greet(self, sock: socket.socket) -> None:
+        done = threading.Event()
+
+        def release() -> None:  # once: the slot frees when the hello is over, whatever comes next
+            if not done.is_set():
+                done.set()
+                self._greeting.release()
+
         try:
-            sock.settimeout(10.0)
-            if sock.recv(2, socket.MSG_PEEK) == b"CO":  # an outbound-only node dialling out (dialout.py)
-                dialout.serve_connect(sock, lambda t: t in self._endpoints, self.allowed, splice)
-                return
-            first = _exact(sock, 1)
-            if first == CONTROL:  # control frames travel in mutual TLS, like every link of the swarm
-                sock = tls.credentials(self.key).wrap_server(sock)
-            elif first != REVERSE:
-                raise ValueError("not a relay connection")
-            nonce = secrets.token_hex(16)
-            send_frame(sock, t="challenge", nonce=nonce)
-            hello = recv_frame(sock)
-            kind, token = str(hello.get("kind")), str(hello.get("token"))
-            with self._lock:
-                e = self._endpoints.get(token)
-            if e is None or kind not in ("control", "reverse") or not hmac.compare_digest(
-                    str(hello.get("mac", "")), mac(self.key, kind, token, nonce)):
-                send_frame(sock, t="refused", why="unknown token or wrong swarm key")
-                _close(sock)
-                return
-            if kind == "reverse":
-                sock.settimeout(None)
-                with self._lock:
-                    (e.pool.append if not e.closed else _close)(sock)
-                    self._changed.notify_all()
-                return
-            send_frame(sock, t="ok", mac=mac(self.key, "relay", token, str(hello.get("nonce", ""))))
+            e, sock = self._hello(sock, release)
         except (OSError, ValueError, ConnectionError):
             _close(sock)
             return
-        self._serve_control(e, sock)
+        finally:
+            release()
+        if e is not None:
+            self._serve_control(e, sock)
+
+    def _hello(self, sock: socket.socket, release: Callable[[], None]) -> tuple[Endpoint | None, socket.socket]:
+        """A node's connection up to its hello; (endpoint, TLS socket) when it is a control connection."""
+        sock.settimeout(10.0)
+        if sock.recv(2, socket.MSG_PEEK) == b"CO":  # an outbound-only node dialling out (dialout.py)
+            dialout.serve_connect(sock, lambda t: t in self._endpoints, self.allowed,
+                                  lambda a, b: (release(), splice(a, b)))
+            return None, sock
+        first = _exact(sock, 1)
+        if first == CONTROL:  # control frames travel in mutual TLS, like every link of the swarm
+            sock = tls.credentials(self.key).wrap_server(sock)
+        elif first != REVERSE:
+            raise ValueError("not a relay connection")
+        nonce = secrets.token_hex(16)
+        send_frame(sock, t="challenge", nonce=nonce)
+        hello = recv_frame(sock)
+        kind, token = str(hello.get("kind")), str(hello.get("token"))
+        with self._lock:
+            e = self._endpoints.get(token)
+        if e is None or kind not in ("control", "reverse") or not hmac.compare_digest(
+                str(hello.get("mac", "")), mac(self.key, kind, token, nonce)):
+            send_frame(sock, t="refused", why="unknown token or wrong swarm key")
+            _close(sock)
+            return None, sock
+        if kind == "reverse":
+            sock.settimeout(None)
+            with self._lock:
+                (e.pool.append if not e.closed else _close)(sock)
+                self._changed.notify_all()
+            return None, sock
+        send_frame(sock, t="ok", mac=mac(self.key, "relay", token, str(hello.get("nonce", ""))))
+        return e, sock
 
     def _serve_control(self, e: Endpoint, sock: socket.socket) -> None:
         with self._lock:
@@ -306,141 +326,3 @@ class Relay:
         with self._lock:
             e.spliced += 1
         splice(peer, rev)
-
-
-# ---------------------------------------------------------------- the node's side
-
-
-class RelayClient:
-    """Keeps a node reachable through a relay: a control connection and `pool` idle reverse connections,
-    each spliced to the node's own server named in "go" (`targets`: name -> local port)."""
-
-    def __init__(self, relay: tuple[str, int], token: str, key: str, targets: dict[str, int], pool: int = POOL,
-                 local_host: str = "127.0.0.1"):
-        self.relay, self.token, self.key, self.targets, self.pool = relay, token, key, targets, pool
-        self.local_host = local_host
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._open: set[socket.socket] = set()  # the control and the idle reverse connections
-        self._stop = threading.Event()
-        self.connected = threading.Event()
-        self.refused: str | None = None
-        threading.Thread(target=self._control_loop, name="relay-control", daemon=True).start()
-
-    def close(self) -> None:
-        self._stop.set()
-        with self._lock:
-            socks, self._open = list(self._open), set()
-        _close(*socks, shut=True)
-
-    def _track(self, sock: socket.socket | None, on: bool) -> None:
-        with self._lock:
-            if sock is not None and on and not self._stop.is_set():
-                self._open.add(sock)
-            elif sock is not None:
-                self._open.discard(sock)
-                if on:  # closed meanwhile
-                    _close(sock)
-
-    def _dial(self, kind: str) -> socket.socket:
-        sock = _tune(socket.create_connection(self.relay, timeout=10.0))
-        try:
-            if kind == "control":
-                sock.sendall(CONTROL)
-                try:
-                    sock = tls.credentials(self.key).wrap_client(sock)
-                except ssl.SSLError as e:
-                    raise PermissionError(f"the relay is not of this swarm's key ({e.reason or e})") from None
-            else:  # a reverse connection carries a peer's own TLS end to end: no second layer
-                sock.sendall(REVERSE)
-            challenge = recv_frame(sock)
-            nonce = secrets.token_hex(16)
-            send_frame(sock, t="hello", kind=kind, token=self.token, nonce=nonce,
-                       mac=mac(self.key, kind, self.token, str(challenge.get("nonce"))))
-            if kind == "reverse":
-                return sock
-            reply = recv_frame(sock)
-            if reply.get("t") == "refused":
-                raise PermissionError(str(reply.get("why")))
-            if reply.get("t") != "ok" or not hmac.compare_digest(str(reply.get("mac", "")),
-                                                                 mac(self.key, "relay", self.token, nonce)):
-                raise PermissionError("the relay does not know the swarm key")
-            return sock
-        except BaseException:
-            _close(sock)
-            raise
-
-    def _control_loop(self) -> None:
-        backoff = 0.25
-        while not self._stop.is_set():
-            sock = None
-            try:
-                sock = self._dial("control")
-                self._track(sock, True)
-                backoff = 0.25
-                self.connected.set()
-                self._top_up()
-                self._serve(sock)
-            except PermissionError as e:
-                self.refused = str(e)
-                log.warning("relay %s:%d refused this node: %s", *self.relay, e)
-            except (OSError, ValueError, ConnectionError) as e:
-                log.log(logging.WARNING if backoff == 0.25 else logging.DEBUG, "relay %s:%d: %s; connecting again",
-                        *self.relay, e)
-            self.connected.clear()
-            self._track(sock, False)
-            _close(sock)
-            self._stop.wait(backoff)
-            backoff = min(5.0, backoff * 2)
-
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(PING_S)
-        heard = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                frame = recv_frame(sock)
-            except socket.timeout:
-                if time.monotonic() - heard > SILENT_S:
-                    raise ConnectionError("the relay went silent") from None
-                send_frame(sock, t="ping")
-                continue
-            heard = time.monotonic()
-            if frame.get("t") == "open":
-                self._top_up(int(frame.get("n", 1)))
-            elif frame.get("t") == "ping":
-                send_frame(sock, t="pong")
-
-    def _top_up(self, more: int = 0) -> None:
-        """Open reverse connections up to the pool size, plus `more`."""
-        with self._lock:
-            n = max(0, self.pool - self._idle) + max(0, more)
-            self._idle += n
-        for _ in range(n):
-            threading.Thread(target=self._reverse, name="relay-reverse", daemon=True).start()
-
-    def _reverse(self) -> None:
-        sock = local = None
-        idle = True
-        try:
-            sock = self._dial("reverse")
-            self._track(sock, True)
-            sock.settimeout(None)
-            go = recv_frame(sock)
-            self._track(sock, False)
-            with self._lock:
-                self._idle -= 1
-            idle = False
-            if not self._stop.is_set():
-                self._top_up()
-            port = self.targets.get(str(go.get("to")))
-            if go.get("t") != "go" or port is None or self._stop.is_set():
-                raise ConnectionError(f"unexpected relay frame {go}")
-            local = _tune(socket.create_connection((self.local_host, port), timeout=5.0))
-        except (OSError, ValueError, ConnectionError):
-            if idle:
-                with self._lock:
-                    self._idle -= 1
-            self._track(sock, False)
-            _close(sock, local)
-            return
-        splice(sock, local)
