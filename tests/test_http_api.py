@@ -6,6 +6,7 @@ token count. The model is SmolLM2-135M-Instruct, so chat has a real template to 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -183,6 +184,37 @@ def test_bad_requests_get_400_saying_what_to_change_and_the_swarm_keeps_serving(
         assert answer["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], n=3)
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=N, temperature=0)
+    assert out.choices[0].text == llama_reference[0]
+
+
+def test_a_body_over_4_mib_gets_413_before_it_is_read_and_the_swarm_keeps_serving(api, client, model,
+                                                                                    llama_reference):
+    host, port = api.url.split("//")[1].split(":")
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\n").encode()
+
+    def answer(sock) -> bytes:
+        got = b""
+        while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+            piece = sock.recv(1 << 16)
+            if not piece:
+                break
+            got += piece
+        return got
+
+    # A declared length over the limit: refused at once, with not a byte of the body sent.
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + f"Content-Length: {(4 << 20) + 1}\r\n\r\n".encode())
+        got = answer(sock)
+    assert got.startswith(b"HTTP/1.1 413") and b"larger than 4194304 bytes" in got, got[:300]
+    # A body sent without a length (chunked) is counted as it comes, and refused once past the limit.
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        for size in (1 << 20, 1 << 20, 1 << 20, 1 << 20, 1024):
+            sock.sendall(b"%x\r\n%s\r\n" % (size, b"x" * size))
+        got = answer(sock)
+    assert got.startswith(b"HTTP/1.1 413") and b"larger than 4194304 bytes" in got, got[:300]
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=N, temperature=0)
     assert out.choices[0].text == llama_reference[0]
 

@@ -188,9 +188,15 @@ class Api:
 
     @staticmethod
     async def _json(request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the body is {len(raw)} bytes; the most the swarm takes is {MAX_BODY}")
+        too_big = f"the body is larger than {MAX_BODY} bytes, the most the swarm takes; send a shorter prompt"
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:  # refused before a byte of it is read
+            raise ApiError(413, too_big)
+        raw = bytearray()
+        async for chunk in request.stream():  # (a body without a length is counted as it comes)
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise ApiError(413, too_big)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
