@@ -377,3 +377,12 @@ def struct_pack_kv(key: bytes) -> bytes:
     import struct
 
     return struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 4, 1) + struct.pack("<I", 7)
+
+
+def test_a_ping_reply_is_bounded():
+    from swarm.node.service import MAX_PING, Node
+
+    assert Node.ping(16) == bytes(16) and len(Node.ping(MAX_PING)) == MAX_PING
+    for bad in (MAX_PING + 1, -1, 1 << 40):
+        with pytest.raises(BadInputError, match="a ping reply is 0 to"):
+            Node.ping(bad)

@@ -108,8 +108,8 @@ class Node:
 
     @staticmethod
     def ping(reply_bytes: int) -> bytes:
-        if reply_bytes > MAX_PING:
-            raise BadInputError(f"a ping reply is at most {MAX_PING} bytes")
+        if not 0 <= reply_bytes <= MAX_PING:
+            raise BadInputError(f"a ping reply is 0 to {MAX_PING} bytes, not {reply_bytes}")
         return bytes(reply_bytes)
 
     def measure_link(self, address: str, payload_bytes: int, count: int) -> m.Link:
