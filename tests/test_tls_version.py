@@ -2,13 +2,15 @@
 TLS 1.3 on the step stream and the relay (Python's ssl, pinned). grpcio's Python API has no setting for
 a minimum version, so a gRPC port also completes a TLS 1.2 handshake with a client that offers nothing
 newer; that client still needs a certificate of the swarm's authority (docs/security.md). This test pins
-that behaviour, so a grpcio that changes it is noticed."""
+that behaviour, so a grpcio that changes it is noticed. And a gRPC connection that never begins its
+handshake is closed after the 10 s the server allows it."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 
@@ -70,3 +72,19 @@ def test_the_step_stream_and_the_relay_refuse_anything_older_than_tls_1_3(tmp_pa
     finally:
         thread.join(10)
         listener.close()
+
+
+def test_a_grpc_connection_silent_in_its_handshake_is_closed_after_10_s():
+    server, port = channels.server("127.0.0.1", 0, KEY)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=40) as sock:
+            t0 = time.monotonic()
+            try:
+                assert sock.recv(1) == b""  # the server closed it: nothing was ever sent
+            except ConnectionResetError:
+                pass
+            waited = time.monotonic() - t0
+        assert 8 <= waited <= 20, waited
+    finally:
+        server.stop(0)
