@@ -29,7 +29,7 @@ def report(swarm: str, model_name: str, n_layer: int, members: Membership, measu
             layers=held.layers, extra_layers=tuple(held.extra), detail=x.detail,
             profile=probed.profile if probed else None, profile_cached=bool(probed and probed.cached),
             link=measurer.link_to_me(x.node_id), reason=held.reason, outbound_only=bool(x.relay_token),
-            relayed_because=x.relay_reason if x.relay_token else "",
+            relayed_because=x.relay_reason,
         ))
     state, detail, predicted, measured, n_measured = placement.report()
     s = placement.settings

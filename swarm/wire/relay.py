@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import dialout, tls
+from .steps import HELLO_TIMEOUT_S, MAX_PENDING  # the step stream's bounds on a hello hold here too
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ WAIT_S = 5.0  # how long a peer's connection waits for a reverse connection (or 
 PING_S = 5.0
 SILENT_S = 15.0  # a control connection silent this long is dead
 MAX_FRAME = 4096
-MAX_PENDING = 32  # connections in their hello at once (each for 10 s at most), as on the step stream
 TARGETS = ("grpc", "steps")
 CONTROL, REVERSE = b"C", b"R"  # a connection's first byte: a control connection (TLS follows) or a reverse one
 
@@ -218,7 +218,7 @@ class Relay:
 
     def _hello(self, sock: socket.socket, release: Callable[[], None]) -> tuple[Endpoint | None, socket.socket]:
         """A node's connection up to its hello; (endpoint, TLS socket) when it is a control connection."""
-        sock.settimeout(10.0)
+        sock.settimeout(HELLO_TIMEOUT_S)
         if sock.recv(2, socket.MSG_PEEK) == b"CO":  # an outbound-only node dialling out (dialout.py)
             dialout.serve_connect(sock, lambda t: t in self._endpoints, self.allowed,
                                   lambda a, b: (release(), splice(a, b)))
